@@ -1,0 +1,49 @@
+# Two commands on a fresh machine (Python 3.11 + pip):  make demo   |   make test
+# Both create .venv and install the package with exact pins from constraints.txt.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ACCEPT_CPU_ONLY := 1
+
+.PHONY: install test demo demo-s3 lint bench bench-train bench-label cluster-up cluster-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo --workdir demo_out
+
+demo-s3: $(STAMP)
+	$(PY) -m jobs.demo --workdir demo_out --s3
+
+bench-train: $(STAMP)
+	$(PY) -m bench.train_bench
+
+bench-label: $(STAMP)
+	$(PY) -m bench.label_bench
+
+bench: bench-train bench-label
+
+cluster-up: $(STAMP)
+	$(VENV)/bin/python -m cluster.local up
+
+cluster-down: $(STAMP)
+	$(VENV)/bin/python -m cluster.local down
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache *.egg-info
