@@ -1,4 +1,4 @@
-"""Model registry in the style of timm's create_model.
+"""Model registry in the style of timm's ``create_model``.
 
 Contract (signatures fixed):
     register_model(name, input_spec: InputSpec, description: str) -> decorator over fn(num_classes) -> nn.Module
@@ -10,4 +10,287 @@ Contract (signatures fixed):
         file; shape mismatch -> ValueError naming the parameter (classifier head may be skipped
         when only its shape differs).
     count_parameters(model) -> int
+
+Registered models and their input specs:
+
+=================  =============================  ==================================================
+name               input spec                     what
+=================  =============================  ==================================================
+cnn                48x48 gray, mean/std 0.5       the classic Keras Sequential CNN (valid padding)
+efficientnet_b2    96x96 RGB (gray replicated),   timm EfficientNet-B2 from scratch; 3 channels and
+                   ImageNet mean/std              ImageNet normalisation so an ImageNet weights file
+                                                  can initialise it; 96 px keeps it tractable on CPU
+emonet             48x48 gray, mean/std 0.5       our CNN (BN, global pooling, dropout), see emonet.py
+=================  =============================  ==================================================
+
+Decisions:
+- Nothing is ever downloaded: timm models are built with ``pretrained=False``; the only way to
+  start from trained weights is ``init_weights``, a local path or s3:// URI read through
+  :mod:`emotion_core.storage`.
+- Weights files are safetensors, or torch files loaded with ``weights_only=True`` (no arbitrary
+  unpickling). A leading ``module.`` (DDP) or ``model.`` prefix on every key is stripped, and a
+  ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped.
+- Initialisation is strict except for the classifier head (the model's last ``nn.Linear``, or
+  timm's ``get_classifier()``): when only its shape differs (another class count) it keeps its
+  fresh initialisation. Anything else that differs is a one-line ``ValueError``.
 """
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from emotion_core.preprocess import InputSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered; the message lists the registered names."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: Callable[[int], nn.Module]
+    input_spec: InputSpec
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, input_spec: InputSpec, description: str):
+    """Decorator registering ``fn(num_classes) -> nn.Module`` under ``name``."""
+
+    def decorator(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelEntry(name, fn, input_spec, description)
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
+        ) from None
+
+
+def get_input_spec(name: str) -> InputSpec:
+    return get_model_entry(name).input_spec
+
+
+def model_descriptions() -> dict[str, str]:
+    """``{name: description}`` for help texts."""
+    return {n: _REGISTRY[n].description for n in list_models()}
+
+
+def create_model(name: str, num_classes: int, init_weights: str | None = None) -> nn.Module:
+    """Build a registered model with ``num_classes`` outputs, optionally initialised from a
+    weights file (local path or s3:// URI). Never downloads anything."""
+    entry = get_model_entry(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model = entry.fn(num_classes)
+    if init_weights:
+        _init_from_file(model, name, init_weights)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters (trainable or not), as timm and papers count them."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights files
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Read a weights file (safetensors, or a torch file with ``weights_only=True``) from a local
+    path or s3:// URI into a flat ``{name: tensor}`` dict with DDP/wrapper prefixes removed.
+    Any problem -> ``ValueError`` naming the file."""
+    from emotion_core import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as e:
+        raise ValueError(f"cannot read weights file: {e}") from e
+    try:
+        if _looks_like_safetensors(data):
+            from safetensors.torch import load
+
+            sd = load(data)
+        else:
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # any decoder failure means a bad file
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"weights file {uri} is not a readable safetensors/torch state dict ({msg})") from e
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"weights file {uri} does not hold a state dict of tensors")
+    return strip_prefixes(sd)
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a ``module.`` (DDP) or ``model.`` prefix shared by every key."""
+    changed = True
+    while sd and changed:
+        changed = False
+        for prefix in ("module.", "model."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with "{".
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n <= len(data) - 8 and data[8:9] == b"{"
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier head: timm's ``get_classifier()`` if present, else the
+    last ``nn.Linear`` in the model."""
+    head: nn.Module | None = None
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        return set()
+    for prefix, module in model.named_modules():
+        if module is head:
+            return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
+    return set()
+
+
+def state_dict_problem(
+    model: nn.Module, sd: dict[str, torch.Tensor], skip: set[str] = frozenset()
+) -> str | None:
+    """First difference between ``model``'s state dict and ``sd`` as a short sentence, or None.
+    Keys in ``skip`` are not compared."""
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    for k, v in own.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            return f"parameter {k!r} has shape {_shape(sd[k])} in the file but the model expects {_shape(v)}"
+    missing = [k for k in own if k not in sd]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"parameter {missing[0]!r} is missing from the file{more}"
+    unexpected = [k for k in sd if k not in own and k not in skip]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        return f"the file has parameter {unexpected[0]!r} that the model does not{more}"
+    return None
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def _init_from_file(model: nn.Module, name: str, uri: str) -> None:
+    sd = read_state_dict(uri)
+    own = model.state_dict()
+    head = head_parameter_names(model)
+    # The head keeps its fresh init when only its shape differs (another class count).
+    skip = {k for k in head if k in sd and k in own and sd[k].shape != own[k].shape}
+    problem = state_dict_problem(model, sd, skip)
+    if problem:
+        raise ValueError(
+            f"init weights {uri} do not fit model {name!r}: {problem}; "
+            f"pass a weights file saved from {name!r}"
+        )
+    merged = {k: (own[k] if k in skip else sd[k]) for k in own}
+    model.load_state_dict(merged, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+GRAY_48 = InputSpec(size=48, channels=1, mean=(0.5,), std=(0.5,))
+RGB_96_IMAGENET = InputSpec(size=96, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+@register_model(
+    "cnn",
+    GRAY_48,
+    "Keras-style Sequential CNN: Conv16-Pool-Conv32-Pool-Conv16-Pool-Dense256-Dense(n), ReLU (~0.1M params)",
+)
+def cnn(num_classes: int) -> nn.Module:
+    """Keras defaults: 3x3 'valid' convolutions and 2x2 max pooling, so 48 -> 46 -> 23 -> 21 ->
+    10 -> 8 -> 4 and the flattened feature map is 16 * 4 * 4."""
+    spec = GRAY_48
+    side = spec.size
+    for _ in range(3):
+        side = (side - 2) // 2
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(spec.channels, 16, 3),
+            relu1=nn.ReLU(inplace=True),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(16, 32, 3),
+            relu2=nn.ReLU(inplace=True),
+            pool2=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(32, 16, 3),
+            relu3=nn.ReLU(inplace=True),
+            pool3=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(16 * side * side, 256),
+            relu4=nn.ReLU(inplace=True),
+            fc2=nn.Linear(256, num_classes),
+        )
+    )
+
+
+@register_model(
+    "efficientnet_b2",
+    RGB_96_IMAGENET,
+    "timm EfficientNet-B2 from scratch (~7.7M params), 96x96 RGB with ImageNet normalisation; "
+    "--init-weights can start it from a local/S3 ImageNet weights file",
+)
+def efficientnet_b2(num_classes: int) -> nn.Module:
+    """``pretrained=False`` always: timm then makes no hub or network call. Dropout 0.3 before
+    the classifier, as in the EfficientNet-B2 paper."""
+    import timm
+
+    return timm.create_model(
+        "efficientnet_b2",
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=RGB_96_IMAGENET.channels,
+        drop_rate=0.3,
+    )
+
+
+@register_model(
+    "emonet",
+    GRAY_48,
+    "our CNN for 48x48 faces: 4 conv blocks with batch norm, global average pooling, dropout",
+)
+def emonet(num_classes: int) -> nn.Module:
+    from emotion_core.emonet import EmoNet
+
+    return EmoNet(num_classes, in_chans=GRAY_48.channels)

@@ -1,0 +1,315 @@
+"""Checkpoints: round trips (local and S3), pointers, and every way a checkpoint can be broken."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from emotion_core import storage
+from emotion_core.checkpoint import (
+    CheckpointError,
+    ModelManifest,
+    dataset_fingerprint,
+    load_manifest,
+    load_model,
+    new_version_id,
+    resolve_model_uri,
+    save_model,
+    write_pointer,
+)
+from emotion_core.labels import CANONICAL
+from emotion_core.models import create_model, get_input_spec
+
+CLASSES = ["angry", "happy", "sad"]
+
+
+def _trained(name: str, classes=CLASSES, seed: int = 0) -> nn.Module:
+    """A model whose weights and batch-norm statistics are not the fresh defaults."""
+    torch.manual_seed(seed)
+    model = create_model(name, len(classes))
+    spec = get_input_spec(name)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, spec.channels, spec.size, spec.size))  # updates BN running stats
+    return model.eval()
+
+
+def _manifest(name: str, classes=CLASSES) -> ModelManifest:
+    return ModelManifest(
+        architecture=name,
+        classes=list(classes),
+        input_spec=get_input_spec(name),
+        metrics={"val_accuracy": np.float32(0.75), "loss": torch.tensor(0.5)},
+        training_config={"epochs": 2, "lr": 1e-3},
+        dataset_fingerprint=dataset_fingerprint([("train/happy/1.jpg", 100)]),
+    )
+
+
+def _x(name: str) -> torch.Tensor:
+    spec = get_input_spec(name)
+    return torch.randn(2, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(7))
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _assert_roundtrip(uri: str, model: nn.Module, manifest: ModelManifest, name: str):
+    loaded, m2 = load_model(uri)
+    assert not loaded.training
+    assert torch.equal(_predict(model, _x(name)), _predict(loaded, _x(name)))
+    assert m2.to_dict() == manifest.to_dict()
+    return loaded, m2
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A small local cnn checkpoint: (dir, model, manifest)."""
+    model = _trained("cnn")
+    manifest = _manifest("cnn")
+    d = str(tmp_path / "models" / "cnn" / manifest.version)
+    save_model(d, model, manifest)
+    return d, model, manifest
+
+
+def _edit_json(d: str, **changes) -> None:
+    path = f"{d}/model.json"
+    data = json.loads(open(path).read())
+    data.update(changes)
+    open(path, "w").write(json.dumps(data))
+
+
+def _error(uri: str) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_model(uri)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cnn", "emonet"])
+def test_roundtrip_local(tmp_path, name):
+    model, manifest = _trained(name), _manifest(name)
+    d = str(tmp_path / "ckpt")
+    assert save_model(d, model, manifest) == d
+    _, m2 = _assert_roundtrip(d, model, manifest, name)
+    blob = open(f"{d}/model.safetensors", "rb").read()
+    assert m2.weights_sha256 == hashlib.sha256(blob).hexdigest()
+    assert m2.num_parameters == sum(p.numel() for p in model.parameters())
+    assert m2.metrics == {"val_accuracy": 0.75, "loss": 0.5}
+    assert m2.format_version == 1 and m2.created_at.endswith("Z")
+    assert load_manifest(d).version == manifest.version
+
+
+def test_roundtrip_s3(s3_bucket):
+    model, manifest = _trained("emonet"), _manifest("emonet")
+    uri = f"s3://{s3_bucket}/models/emonet/{manifest.version}/"
+    save_model(uri, model, manifest)
+    keys = {o["Key"] for o in storage.s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert {
+        f"models/emonet/{manifest.version}/model.json",
+        f"models/emonet/{manifest.version}/model.safetensors",
+    } <= keys
+    _assert_roundtrip(uri, model, manifest, "emonet")
+
+
+def test_save_strips_ddp_prefix(tmp_path):
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like to state_dict()
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = _trained("cnn")
+    d = str(tmp_path / "ckpt")
+    save_model(d, Wrapper(model), _manifest("cnn"))
+    loaded, _ = load_model(d)
+    assert torch.equal(_predict(model, _x("cnn")), _predict(loaded, _x("cnn")))
+
+
+def test_resave_same_dir(saved):
+    d, _, _ = saved
+    model2, manifest2 = _trained("cnn", seed=5), _manifest("cnn")
+    save_model(d, model2, manifest2)
+    _assert_roundtrip(d, model2, manifest2, "cnn")
+
+
+def test_save_refuses_manifest_that_does_not_fit(tmp_path):
+    with pytest.raises(ValueError, match="do not fit architecture 'cnn' with 7 classes"):
+        save_model(str(tmp_path / "x"), _trained("cnn"), _manifest("cnn", classes=list(CANONICAL)))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        manifest = ModelManifest(architecture="vgg", classes=CLASSES, input_spec=get_input_spec("cnn"))
+        save_model(str(tmp_path / "x"), _trained("cnn"), manifest)
+    assert not (tmp_path / "x").exists()
+
+
+# --- pointers ------------------------------------------------------------------------------
+
+
+def test_pointer_local_relative_and_absolute(saved, tmp_path):
+    d, model, manifest = saved
+    rel_pointer = str(tmp_path / "models" / "cnn" / "latest.json")
+    write_pointer(rel_pointer, manifest.version, manifest)  # relative to the pointer's directory
+    pointer = json.loads(open(rel_pointer).read())
+    assert pointer["version"] == manifest.version and pointer["classes"] == CLASSES
+    assert resolve_model_uri(rel_pointer) == d
+    _assert_roundtrip(rel_pointer, model, manifest, "cnn")
+    # a directory with only latest.json is followed through it
+    assert resolve_model_uri(str(tmp_path / "models" / "cnn")) == d
+
+    abs_pointer = str(tmp_path / "elsewhere" / "prod.json")
+    write_pointer(abs_pointer, d, manifest)
+    _assert_roundtrip(abs_pointer, model, manifest, "cnn")
+    # model.json itself also resolves to its directory
+    assert resolve_model_uri(f"{d}/model.json") == d
+
+
+def test_pointer_s3(s3_bucket):
+    model, manifest = _trained("cnn"), _manifest("cnn")
+    base = f"s3://{s3_bucket}/models/cnn"
+    d = f"{base}/{manifest.version}"
+    save_model(d, model, manifest)
+    write_pointer(f"{base}/latest.json", d, manifest)
+    _assert_roundtrip(f"{base}/latest.json", model, manifest, "cnn")
+    write_pointer(f"{base}/relative.json", f"./{manifest.version}", manifest)
+    assert resolve_model_uri(f"{base}/relative.json") == d
+
+
+def test_pointer_to_nowhere(tmp_path, saved):
+    _, _, manifest = saved
+    pointer = tmp_path / "latest.json"
+    pointer.write_text(json.dumps({"model_uri": str(tmp_path / "gone"), "version": "v"}))
+    msg = _error(str(pointer))
+    assert str(pointer) in msg and "gone" in msg and "no model.json" in msg
+    with pytest.raises(CheckpointError, match="save the model before publishing"):
+        write_pointer(str(pointer), str(tmp_path / "gone"), manifest)
+    with pytest.raises(ValueError, match=r"must be a \.json file"):
+        write_pointer(str(tmp_path / "latest"), str(tmp_path / "gone"), manifest)
+    pointer.write_text(json.dumps({"something": "else"}))
+    assert "neither a model pointer" in _error(str(pointer))
+
+
+# --- broken checkpoints --------------------------------------------------------------------
+
+
+def test_corrupt_weights(saved):
+    d, _, _ = saved
+    path = f"{d}/model.safetensors"
+    blob = bytearray(open(path, "rb").read())
+    for i in (len(blob) // 2, len(blob) - 1):
+        blob[i] ^= 0xFF
+    open(path, "wb").write(bytes(blob))
+    msg = _error(d)
+    assert msg.startswith(path) and "corrupt" in msg and "sha256" in msg
+
+
+def test_truncated_weights_without_checksum(saved):
+    d, _, _ = saved
+    _edit_json(d, weights_sha256=None)
+    path = f"{d}/model.safetensors"
+    open(path, "wb").write(open(path, "rb").read()[:100])
+    msg = _error(d)
+    assert msg.startswith(path) and "not a readable safetensors file" in msg
+
+
+def test_missing_json(saved):
+    d, _, _ = saved
+    storage.delete_dir(f"{d}/model.json")
+    msg = _error(d)
+    assert msg.startswith(f"{d}/model.json") and "missing" in msg and "incomplete" in msg
+
+
+def test_missing_weights(saved):
+    d, _, _ = saved
+    storage.delete_dir(f"{d}/model.safetensors")
+    msg = _error(d)
+    assert msg.startswith(f"{d}/model.safetensors") and "missing" in msg
+
+
+def test_missing_directory(tmp_path):
+    msg = _error(str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in msg and "not found" in msg
+
+
+def test_invalid_json(saved):
+    d, _, _ = saved
+    open(f"{d}/model.json", "w").write("{not json")
+    msg = _error(d)
+    assert msg.startswith(f"{d}/model.json") and "not valid JSON" in msg
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"architecture": "resnet50"}, "unknown architecture 'resnet50'"),
+        ({"classes": []}, "non-empty"),
+        ({"classes": ["angry", "Happy", "sad"]}, "'Happy' is not a canonical emotion"),
+        ({"classes": ["angry", "angry", "sad"]}, "duplicates"),
+        ({"input_spec": {"size": 48}}, "invalid input_spec"),
+        (
+            {"input_spec": {"size": 64, "channels": 1, "mean": [0.5], "std": [0.5]}},
+            "does not match architecture",
+        ),
+    ],
+)
+def test_invalid_manifest(saved, changes, expected):
+    d, _, _ = saved
+    _edit_json(d, **changes)
+    msg = _error(d)
+    assert msg.startswith(f"{d}/model.json") and expected in msg
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {"classes": ["angry", "happy"]},
+            r"'fc2.weight' has shape \(3, 256\) in the file but the model expects \(2, 256\)",
+        ),
+        ({"architecture": "emonet"}, "is missing from the file"),
+    ],
+)
+def test_manifest_does_not_match_weights(saved, changes, expected):
+    d, _, _ = saved
+    _edit_json(d, **changes)
+    msg = _error(d)
+    assert msg.startswith(f"{d}/model.safetensors: does not match {d}/model.json")
+    assert re.search(expected, msg)
+
+
+def test_corrupt_and_missing_on_s3(s3_bucket):
+    model, manifest = _trained("cnn"), _manifest("cnn")
+    d = f"s3://{s3_bucket}/m/v1"
+    save_model(d, model, manifest)
+    blob = bytearray(storage.read_bytes(f"{d}/model.safetensors"))
+    blob[-1] ^= 0xFF
+    storage.write_bytes(f"{d}/model.safetensors", bytes(blob))
+    assert _error(d).startswith(f"{d}/model.safetensors: corrupt")
+    assert "not found" in _error(f"s3://{s3_bucket}/m/v2")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def test_version_ids_are_sortable_and_unique():
+    a, b = new_version_id(), new_version_id()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", a)
+    assert a != b
+
+
+def test_dataset_fingerprint_is_order_independent():
+    items = [("train/happy/1.jpg", 10), ("train/sad/2.jpg", 20)]
+    fp = dataset_fingerprint(items)
+    assert fp == dataset_fingerprint(reversed(items))
+    assert re.fullmatch(r"[0-9a-f]{64}", fp)
+    assert fp != dataset_fingerprint([("train/happy/1.jpg", 11), ("train/sad/2.jpg", 20)])
