@@ -168,6 +168,15 @@ def makedirs(uri: str) -> None:
 def check_writable(uri: str) -> None:
     """Fail fast (StorageError) if we cannot create and delete a small object under ``uri``."""
     probe = join(uri, f"_write_probe_{uuid.uuid4().hex[:8]}")
+    loc = parse(probe)
+    if loc.is_s3:  # boto3 directly: pyarrow's delete would leave a "directory" marker object behind
+        try:
+            client = s3_client()
+            client.put_object(Bucket=loc.bucket, Key=loc.key, Body=b"ok")
+            client.delete_object(Bucket=loc.bucket, Key=loc.key)
+            return
+        except Exception as e:  # botocore raises several unrelated types (ClientError, EndpointConnectionError)
+            raise StorageError(f"output {uri} is not writable: {_short(e)}") from e
     try:
         write_bytes(probe, b"ok")
         fs, path = filesystem(probe)
