@@ -150,6 +150,11 @@ def decode_image(data: bytes, spec: InputSpec) -> tuple[np.ndarray, int, int]:
     """
     if not data:
         raise ImageDecodeError("empty", "0 bytes")
+    if not isinstance(data, bytes):  # bytearray, memoryview, numpy bytes...
+        try:
+            data = bytes(data)
+        except TypeError:
+            raise ImageDecodeError("not_an_image", f"expected bytes, got {type(data).__name__}") from None
     try:
         return _decode(data, spec)
     except ImageDecodeError:
