@@ -1,0 +1,258 @@
+"""jobs.label end to end on real local Ray (the shared ``ray_session``) and moto's S3 server:
+images in S3 -> Parquet in S3 read back with DuckDB; odd and broken images; re-runs;
+incremental runs; a crashing actor; an object deleted between listing and reading."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from PIL import Image
+
+from emotion_core import storage
+from emotion_core.schema import label_schema
+from jobs import _label_infer, label
+
+DATE = "2024-05-01"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (also used by test_label_units.py)
+
+
+def save_tiny_model(uri: str, classes: list[str], arch: str = "cnn"):
+    """An untrained (seeded) model checkpoint: labels are arbitrary but deterministic."""
+    import torch
+
+    from emotion_core.checkpoint import ModelManifest, save_model
+    from emotion_core.models import create_model, get_input_spec
+
+    torch.manual_seed(0)
+    manifest = ModelManifest(architecture=arch, classes=list(classes), input_spec=get_input_spec(arch))
+    save_model(uri, create_model(arch, len(classes)), manifest)
+    return uri, manifest
+
+
+def face(label: str, seed: int) -> Image.Image:
+    from emotion_core.synthetic import render_face
+
+    return render_face(label, np.random.default_rng(seed))
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def face_jpeg(label: str, seed: int) -> bytes:
+    return encode(face(label, seed), "JPEG", quality=90)
+
+
+def _bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def odd_images() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, expected error reason or None when it must decode and get a label)."""
+    f = face("happy", 7)
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    jpeg = encode(noise, "JPEG")
+    rgba = f.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.full((48, 48), 200, np.uint8)))
+    frames = [f.convert("P"), face("sad", 8).convert("P")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return {
+        "bad/not_an_image.jpg": (b"this is a text file, not a picture\n" * 4, "not_an_image"),
+        "bad/zero_bytes.png": (b"", "empty"),
+        "bad/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "bad/bomb.png": (_bomb_png(), "decompression_bomb"),
+        "odd/cmyk.jpg": (encode(f.convert("CMYK"), "JPEG"), None),
+        "odd/gray16.png": (encode(Image.fromarray(np.asarray(f).astype(np.uint16) * 257), "PNG"), None),
+        "odd/palette.png": (encode(f.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), None),
+        "odd/rgba.png": (encode(rgba, "PNG"), None),
+        "odd/animated.gif": (gif.getvalue(), None),
+        "odd/png_named.JPG": (encode(f, "PNG"), None),  # wrong (and upper-case) extension
+    }
+
+
+def read_partition(output: str, date: str = DATE) -> pa.Table:
+    """Read a committed partition through emotion_core.storage (works for S3 and local)."""
+    fs, path = storage.filesystem(storage.join(output, f"dt={date}"))
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def run_label(*argv: str) -> dict:
+    """jobs.label.main in-process on the shared Ray; returns the run summary."""
+    args = list(argv)
+    assert label.main(args) == 0
+    output = args[args.index("--output") + 1]
+    run_id = args[args.index("--run-id") + 1]
+    return json.loads(storage.read_bytes(storage.join(output, "_runs", f"{run_id}.json")))
+
+
+def put_tree(base: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        if base.startswith("s3://"):
+            loc = storage.parse(storage.join(base, rel))
+            storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        else:
+            path = os.path.join(base, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_s3_images_to_s3_parquet_with_odd_and_broken_images(ray_session, s3_bucket, tmp_path):
+    classes = ["angry", "happy", "surprise"]  # a 3-class model, stored in S3 too
+    model, manifest = save_tiny_model(f"s3://{s3_bucket}/models/m1", classes)
+    files = {f"faces/{c}/{i}.jpg": face_jpeg(c, i) for c in ("happy", "sad") for i in range(6)}
+    files["faces/deep/er/still.jpeg"] = face_jpeg("fear", 99)
+    files["faces/readme.txt"] = b"not listed"
+    odd = odd_images()
+    files.update({f"faces/{k}": v for k, (v, _) in odd.items()})
+    put_tree(f"s3://{s3_bucket}/in", files)
+    output = f"s3://{s3_bucket}/lake/labels"
+
+    s = run_label("--input", f"s3://{s3_bucket}/in/faces", "--model", model, "--output", output,
+                  "--date", DATE, "--run-id", "e2e", "--actors", "1", "--block-rows", "8")
+
+    table = read_partition(output)
+    assert table.schema == label_schema(classes)  # exactly the documented schema (dt is the directory)
+    con = duckdb.connect()
+    con.register("labels", table)
+    n, distinct = con.execute("select count(*), count(distinct image_uri) from labels").fetchone()
+    images = {f"s3://{s3_bucket}/in/{k}" for k in files if not k.endswith(".txt")}
+    assert n == distinct == len(images)
+    assert set(table["image_uri"].to_pylist()) == images
+    bad_sum = con.execute(
+        "select count(*) from labels where error is null and abs(prob_angry + prob_happy + prob_surprise - 1) > 1e-4"
+    ).fetchone()[0]
+    assert bad_sum == 0
+    ok_rows = con.execute(
+        "select count(*) from labels where error is null and label in ('angry','happy','surprise') "
+        "and confidence = greatest(prob_angry, prob_happy, prob_surprise) and width > 0 and height > 0"
+    ).fetchone()[0]
+    assert ok_rows == len(images) - sum(1 for _, r in odd.values() if r)
+    by_uri = {r["image_uri"].rsplit("/faces/", 1)[1]: r for r in table.to_pylist()}
+    for name, (_, reason) in odd.items():
+        row = by_uri[name]
+        if reason is None:
+            assert row["error"] is None and row["label"] in classes, (name, row["error"])
+        else:
+            assert row["error"].startswith(reason + ":"), (name, row["error"])
+            assert row["label"] is None and row["confidence"] is None and row["prob_happy"] is None
+    assert by_uri["odd/gray16.png"]["width"] == 48
+    assert set(table["model_version"].to_pylist()) == {manifest.version}
+    assert set(table["model_name"].to_pylist()) == {"cnn"} and set(table["run_id"].to_pylist()) == {"e2e"}
+    assert table["etag"].null_count == 0 and table["last_modified"].null_count == 0
+    # the run summary, next to the data
+    assert s["rows"] == s["processed"] == len(images) and s["skipped"] == 0
+    assert s["error_rows"] == 4 and s["errors"] == {"decompression_bomb": 1, "empty": 1, "not_an_image": 1, "truncated": 1}
+    assert sum(s["labels"].values()) == len(images) - 4
+    assert s["model"]["version"] == manifest.version and s["files"] and s["images_per_s"] > 0
+    assert s["files"] == [f"{output}/dt={DATE}/part-e2e-00000.parquet"]
+
+
+def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_path):
+    model, manifest = save_tiny_model(str(tmp_path / "model"), ["happy", "sad"])  # 2 classes
+    src = str(tmp_path / "images")
+    put_tree(src, {f"{i:02d}.png": encode(face("happy", i), "PNG") for i in range(8)})
+    put_tree(src, {"broken.jpg": face_jpeg("sad", 1)[:100]})
+    out = str(tmp_path / "labels")
+    common = ["--input", src, "--model", model, "--output", out, "--actors", "1"]
+
+    s1 = run_label(*common, "--date", DATE, "--run-id", "r1")
+    s2 = run_label(*common, "--date", DATE, "--run-id", "r2")  # same date again: replaces
+    t = read_partition(out)
+    assert t.num_rows == 9 and len(set(t["image_uri"].to_pylist())) == 9
+    assert set(t["run_id"].to_pylist()) == {"r2"} and s1["rows"] == s2["rows"] == 9
+    assert sorted(os.listdir(os.path.join(out, f"dt={DATE}"))) == ["_SUCCESS", "part-r2-00000.parquet"]
+
+    # The bucket grows: two new images, one rewritten; the broken one is still broken.
+    put_tree(src, {"new1.png": encode(face("sad", 50), "PNG"), "sub/new2.jpg": face_jpeg("sad", 51)})
+    changed = os.path.join(src, "03.png")
+    put_tree(src, {"03.png": encode(face("sad", 3), "PNG")})
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000))
+
+    s3 = run_label(*common[:-2], "--date", "2024-05-02", "--run-id", "r3", "--incremental",
+                   "--min-actors", "1", "--max-actors", "2")  # an autoscaling pool works too
+    assert (s3["processed"], s3["skipped"], s3["rows"]) == (4, 7, 11)
+    t = read_partition(out, "2024-05-02")
+    rows = {os.path.relpath(r["image_uri"], src): r for r in t.to_pylist()}
+    assert len(rows) == t.num_rows == 11  # a complete snapshot, exactly once
+    assert {k for k, r in rows.items() if r["run_id"] == "r3"} == {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"}
+    assert all(r["run_id"] == "r2" for k, r in rows.items() if k not in {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"})
+    assert t.schema == label_schema(["happy", "sad"])
+    assert read_partition(out).num_rows == 9  # the older partition is untouched
+
+    # Nothing changed: only the error row is retried; a second incremental run of the same date replaces.
+    s4 = run_label(*common, "--date", "2024-05-02", "--run-id", "r4", "--incremental")
+    assert (s4["processed"], s4["skipped"], s4["rows"]) == (1, 10, 11)
+    assert read_partition(out, "2024-05-02").num_rows == 11
+
+
+def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path, monkeypatch):
+    model, _ = save_tiny_model(str(tmp_path / "model"), ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
+    src = str(tmp_path / "images")
+    put_tree(src, {f"{c}/{i}.jpg": face_jpeg(c, i) for c in ("fear", "neutral", "surprise") for i in range(10)})
+    marker = tmp_path / "fault"
+    marker.mkdir()
+    monkeypatch.setenv(_label_infer.FAIL_ONCE_ENV, str(marker))
+    out = str(tmp_path / "labels")
+    s = run_label("--input", src, "--model", model, "--output", out, "--date", DATE, "--run-id", "crash",
+                  "--actors", "2", "--block-rows", "4")
+    assert (marker / "crashed").exists(), "the fault was not injected"
+    t = read_partition(out)
+    assert t.num_rows == 30 and len(set(t["image_uri"].to_pylist())) == 30
+    assert t["error"].null_count == 30 and s["rows"] == 30
+
+
+def test_object_deleted_between_inventory_and_read(ray_session, s3_bucket, tmp_path):
+    """An S3 Inventory style manifest lists an object that is gone by the time it is read."""
+    model, _ = save_tiny_model(str(tmp_path / "model"), ["neutral", "sad"])
+    put_tree(f"s3://{s3_bucket}", {f"faces/{i}.jpg": face_jpeg("sad", i) for i in range(4)})
+    inventory = tmp_path / "inventory.csv"
+    inventory.write_text("".join(f'"{s3_bucket}","faces/{i}.jpg","1","2024-05-01T00:00:00.000Z","x"\n' for i in range(5)))
+    storage.s3_client().delete_object(Bucket=s3_bucket, Key="faces/2.jpg")
+    out = f"s3://{s3_bucket}/labels"
+    s = run_label("--manifest", str(inventory), "--model", model, "--output", out, "--date", DATE,
+                  "--run-id", "gone", "--actors", "1", "--split-stages")  # also covers the GPU-style split
+    t = read_partition(out)
+    errors = dict(zip(t["image_uri"].to_pylist(), t["error"].to_pylist()))
+    assert len(errors) == 5
+    assert errors[f"s3://{s3_bucket}/faces/2.jpg"].startswith("not_found")
+    assert errors[f"s3://{s3_bucket}/faces/4.jpg"].startswith("not_found")  # never existed
+    assert sum(e is None for e in errors.values()) == 3
+    # the etag of a row is the one actually read, not the inventory's stale one
+    assert "x" not in {e for u, e in zip(t["image_uri"].to_pylist(), t["etag"].to_pylist()) if errors[u] is None}
+    assert s["errors"] == {"not_found": 2}
+
+
+def test_empty_input_commits_an_empty_partition(ray_session, tmp_path):
+    model, _ = save_tiny_model(str(tmp_path / "model"), ["happy", "sad"])
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / "labels")
+    s = run_label("--input", str(tmp_path / "empty"), "--model", model, "--output", out, "--date", DATE,
+                  "--run-id", "none")
+    t = read_partition(out)
+    assert t.num_rows == 0 == s["rows"] and t.schema == label_schema(["happy", "sad"])
