@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_out", help="local folder for generated data and outputs")
     p.add_argument("--s3", action="store_true", help="run everything through a local S3 server (moto)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-per-class", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--train-per-class", type=int, default=300)
     args = p.parse_args(argv)
 
     work = Path(args.workdir).resolve()

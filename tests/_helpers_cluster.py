@@ -1,0 +1,144 @@
+"""Shared by tests/test_report.py, tests/test_queries.py and tests/test_cluster_e2e.py: label
+datasets to query, produced by the real labelling job (jobs.label) over synthetic faces plus a few
+broken files, with an untrained model saved in the emotion_core checkpoint format (the report does
+not care what the model predicts, only that the job wrote real output)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+DATES = ("2026-11-19", "2026-11-20")
+BROKEN = {"not_an_image.jpg": b"this is not an image", "empty.png": b""}
+
+
+def write_images(root: Path, per_class: int = 3, seed: int = 0) -> Path:
+    """A folder of synthetic faces (3 classes) plus broken files; returns the folder."""
+    import numpy as np
+
+    from emotion_core.synthetic import render_face
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for cls in ("happy", "sad", "surprise"):
+        for i in range(per_class):
+            buf = io.BytesIO()
+            render_face(cls, rng).save(buf, format="JPEG")
+            (root / f"{cls}_{i}.jpg").write_bytes(buf.getvalue())
+    for name, data in BROKEN.items():
+        (root / name).write_bytes(data)
+    # a truncated JPEG
+    (root / "truncated.jpg").write_bytes((root / "happy_0.jpg").read_bytes()[:200])
+    return root
+
+
+def save_untrained_model(uri: str, classes=("happy", "sad", "surprise")) -> str:
+    from emotion_core.checkpoint import ModelManifest, new_version_id, save_model, utc_now_iso
+    from emotion_core.models import create_model, get_input_spec
+
+    model = create_model("cnn", len(classes))
+    manifest = ModelManifest(
+        architecture="cnn",
+        classes=list(classes),
+        input_spec=get_input_spec("cnn"),
+        metrics={},
+        training_config={"note": "untrained, for tests"},
+        dataset_fingerprint=None,
+        created_at=utc_now_iso(),
+        version=new_version_id(),
+    )
+    return save_model(uri, model, manifest)
+
+
+def upload_dir(local: Path, bucket: str, prefix: str) -> str:
+    from emotion_core.storage import s3_client
+
+    s3 = s3_client()
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+def run_label_job(images: str, model: str, output: str, dates=DATES) -> None:
+    """Run the real labelling job in-process (on the session's Ray) once per date."""
+    from jobs import label
+
+    for d in dates:
+        rc = label.main(["--input", images, "--model", model, "--output", output, "--date", d, "--actors", "1"])
+        assert rc == 0, f"jobs.label failed for {d} (exit {rc})"
+
+
+def write_fake_labels(fs_root: str, classes=("happy", "sad", "surprise")) -> int:
+    """Parquet in the documented schema, written directly with pyarrow (no job): for the cases the
+    real job cannot produce on demand (two model versions, mixed class sets). Returns the rows."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from emotion_core.schema import label_schema, prob_column
+    from emotion_core.storage import filesystem, join
+
+    total = 0
+    now = dt.datetime(2026, 11, 21, 2, 0, tzinfo=dt.UTC)
+    for day, (version, n, errors) in zip(DATES, [("v1", 6, 1), ("v2", 8, 2)]):
+        schema = label_schema(list(classes))
+        rows = []
+        for i in range(n):
+            err = "not_an_image: cannot identify image file" if i < errors else None
+            label = None if err else classes[i % len(classes)]
+            row = {
+                "image_uri": f"s3://in/{day}/{i}.jpg",
+                "etag": f"e{i}",
+                "size_bytes": 1500,
+                "last_modified": now,
+                "label": label,
+                "confidence": None if err else 0.9,
+                "model_name": "cnn",
+                "model_version": version,
+                "run_id": f"run-{day}",
+                "labelled_at": now,
+                "width": None if err else 48,
+                "height": None if err else 48,
+                "error": err,
+            }
+            for c in classes:
+                row[prob_column(c)] = None if err else (0.9 if c == label else 0.1 / (len(classes) - 1))
+            rows.append(row)
+        fs, path = filesystem(join(fs_root, f"dt={day}", "part-0.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
+        total += n
+    fs, path = filesystem(join(fs_root, "_runs", "run.json"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(b"{}")
+    return total
+
+
+_CACHE: dict[str, dict] = {}
+
+
+def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
+    """Label datasets written by the real jobs.label, built once per session: local (both DATES)
+    and on S3 (the last date): {"local": path, "s3": uri, "images": n_images, "broken": n_broken}."""
+    if "real" in _CACHE:
+        return _CACHE["real"]
+    import uuid
+
+    from emotion_core.storage import s3_client
+
+    root = tmp_path_factory.mktemp("real_labels")
+    images = write_images(root / "images")
+    model = save_untrained_model(str(root / "model"))
+    run_label_job(str(images), model, str(root / "labels"))
+    bucket = f"labels-{uuid.uuid4().hex[:8]}"
+    s3_client().create_bucket(Bucket=bucket)
+    s3_images = upload_dir(images, bucket, "images")
+    s3_model = upload_dir(root / "model", bucket, "models/cnn")
+    run_label_job(s3_images, s3_model, f"s3://{bucket}/labels", dates=DATES[-1:])
+    n = sum(1 for p in images.iterdir() if p.is_file())
+    _CACHE["real"] = {"local": str(root / "labels"), "s3": f"s3://{bucket}/labels", "images": n, "broken": 3}
+    return _CACHE["real"]
