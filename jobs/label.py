@@ -53,9 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip objects whose latest row has the same etag and model version and no error")
     p.add_argument("--manifest", metavar="URI",
                    help="CSV/Parquet list of objects (e.g. S3 Inventory) instead of listing the inputs")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--block-rows", type=int, default=1024,
-                   help="images per Ray Data block: one read + decode + infer call (default 1024)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default 64 on CPU, where larger batches fall out of cache "
+                        "and run slower per image; 256 with GPUs)")
+    p.add_argument("--block-rows", type=int, default=512,
+                   help="images per Ray Data block: one read + decode + infer call (default 512)")
     p.add_argument("--actors", type=int, default=None,
                    help="fixed inference actor pool size (default: cluster CPUs / --cpus-per-actor, "
                         "half that with --split-stages; GPUs / --gpus-per-actor with GPUs)")
@@ -79,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.date is None:
         args.date = dt.datetime.now(dt.UTC).date().isoformat()
+    if args.batch_size is None:
+        args.batch_size = 256 if args.gpus_per_actor > 0 else 64
     return args
 
 
@@ -143,8 +147,9 @@ def label_objects(todo: pa.Table, args, model_uri: str, manifest) -> pa.Table:
         return _label_infer.empty_result(list(manifest.classes))
     gpu = args.gpus_per_actor > 0
     compute, n_actors = actor_pool(args, ray.cluster_resources())
-    # Enough blocks for every actor to have work, never more than --block-rows per block.
-    per_block = max(1, min(args.block_rows, -(-todo.num_rows // (2 * n_actors))))
+    # At least 4 blocks per actor so the pool stays balanced at the end of the run; never more
+    # than --block-rows per block.
+    per_block = max(1, min(args.block_rows, -(-todo.num_rows // (4 * n_actors))))
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     fuse = not (gpu or args.split_stages)  # on CPU one actor stage reads, decodes, infers (_label_infer)

@@ -1,0 +1,386 @@
+"""Benchmark of the labelling job (`jobs.label`) against a naive single-process loop.
+
+    python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick]
+                                [--only local,s3,large,plan]
+
+Scenarios, each on the same inputs for both sides:
+  local  real FER faces (48x48 JPEGs, ~1.5 KB) read in place from local disk. Goal >= 1.0x naive.
+  s3     the same faces in a local S3 server (moto, own process) behind a proxy that adds 20 ms
+         per request, as real S3 does. Also measures the store's own ceiling: 64 threads of
+         boto3 get_object through the proxy. Goal: pipeline >= 80 % of that ceiling.
+  large  >= 1 megapixel colour JPEGs (generated) on local disk. The naive loop decodes full size
+         and resizes (Image.open().convert("L").resize()); the job uses the shared preprocessing
+         (JPEG draft-mode reduced decode). Goal >= 3x naive.
+  plan   incremental planning over 1,000,000 already-labelled rows (generated Parquet, 4 dt
+         partitions) and a listing of 1,050,000 objects (50,000 new, 5,000 changed), in a fresh
+         process. Goal < 60 s and a few GB peak RSS.
+
+The naive loop (bench/_common.py) is: list -> read/GET one object at a time -> decode ->
+eager PyTorch forward in batches of 256 with torch threads = all cores -> one Parquet file of the
+job's schema. It runs before Ray starts, so it has the machine to itself.
+
+The pipeline is ``jobs.label.main([...])`` in this process on an embedded Ray started once
+(``ray.init()`` with default num_cpus; its start-up is NOT timed). Timed: the whole call, i.e.
+listing, model checks, Ray Data execution including actor start-up and model loading, the
+Parquet write and the commit of the partition. Results go to bench/results/label.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import _common as C
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_FER = REPO.parent / "shared" / "data" / "fer2013" / "train"
+RESULTS = REPO / "bench" / "results" / "label.json"
+RUN_DATE = "2024-06-01"
+BUCKET = "bench-faces"
+
+FULL = {"local": 20000, "s3": 5000, "s3_naive": 1000, "ceiling_gets": 3000, "large": 1000,
+        "plan_rows": 1_000_000, "plan_new": 50_000}
+QUICK = {"local": 600, "s3": 300, "s3_naive": 100, "ceiling_gets": 300, "large": 30,
+         "plan_rows": 20_000, "plan_new": 1_000}
+GOALS = {"local": "ratio >= 1.0", "s3": "pipeline >= 0.8 x ceiling", "large": "ratio >= 3.0",
+         "plan": "< 60 s, a few GB"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.label_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--fer", type=Path, default=DEFAULT_FER, help="FER2013 train folder (read in place)")
+    p.add_argument("--n", type=int, help=f"faces for 'local' (default {FULL['local']})")
+    p.add_argument("--s3-n", type=int, help=f"faces uploaded for 's3' (default {FULL['s3']})")
+    p.add_argument("--s3-naive-n", type=int, help=f"GETs for the naive S3 loop (default {FULL['s3_naive']})")
+    p.add_argument("--large-n", type=int, help=f"large photos for 'large' (default {FULL['large']})")
+    p.add_argument("--plan-rows", type=int, help=f"already-labelled rows for 'plan' (default {FULL['plan_rows']})")
+    p.add_argument("--delay-ms", type=float, default=20.0, help="latency the proxy adds per S3 request")
+    p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a 1-2 minute smoke run")
+    p.add_argument("--only", default="local,s3,large,plan", help="comma-separated subset of local,s3,large,plan")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "emotion-label-bench",
+                   help="scratch space outside the repo; generated inputs are cached here")
+    p.add_argument("--job-args", default="", help="extra arguments for jobs.label, e.g. '--batch-size 512'")
+    p.add_argument("--output-json", type=Path, default=None,
+                   help=f"default {RESULTS.relative_to(REPO)} (label_quick.json with --quick)")
+    p.add_argument("--plan-child", type=Path, help=argparse.SUPPRESS)  # internal: run 'plan' here
+    args = p.parse_args(argv)
+    sizes = dict(QUICK if args.quick else FULL)
+    for key, value in (("local", args.n), ("s3", args.s3_n), ("s3_naive", args.s3_naive_n),
+                       ("large", args.large_n), ("plan_rows", args.plan_rows)):
+        if value is not None:
+            sizes[key] = value
+    sizes["s3_naive"] = min(sizes["s3_naive"], sizes["s3"])
+    sizes["ceiling_gets"] = min(sizes["ceiling_gets"], sizes["s3"])
+    args.sizes = sizes
+    if args.output_json is None:
+        args.output_json = RESULTS.with_name("label_quick.json") if args.quick else RESULTS
+    args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(GOALS)
+    if unknown:
+        p.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}; choose from local,s3,large,plan")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive side
+
+
+def time_naive(list_items, read, decode, model_uri: str, out: Path) -> dict:
+    """Time the naive loop, listing included."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    rows = C.naive_label(list_items(), read, decode, model_uri, out / f"dt={RUN_DATE}" / "part-0.parquet")
+    seconds = time.perf_counter() - t0
+    return {"n": rows, "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 1)}
+
+
+def shared_decode(spec):
+    from emotion_core.preprocess import decode_image
+
+    return lambda data: decode_image(data, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline side
+
+
+def run_pipeline(input_uri: str, model_uri: str, out: Path, expected: int, extra: list[str]) -> dict:
+    """Time ``jobs.label.main`` on the already-running Ray and check its output."""
+    import pyarrow.dataset as ds
+
+    from jobs import label
+
+    shutil.rmtree(out, ignore_errors=True)
+    run_id = f"bench-{int(time.time())}"
+    argv = ["--input", input_uri, "--model", model_uri, "--output", str(out),
+            "--date", RUN_DATE, "--run-id", run_id, *extra]
+    t0 = time.perf_counter()
+    rc = label.main(argv)
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"jobs.label exited {rc} for {input_uri}; argv: {shlex.join(argv)}")
+    table = ds.dataset(out / f"dt={RUN_DATE}", format="parquet").to_table(columns=["image_uri", "error"])
+    rows, errors = table.num_rows, table.num_rows - table["error"].null_count
+    files = len(list((out / f"dt={RUN_DATE}").rglob("*.parquet")))
+    if rows != expected or errors:
+        print(f"WARNING: pipeline wrote {rows} rows ({errors} errors), expected {expected} clean rows")
+    result = {"n": rows, "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 1),
+              "errors": errors, "parquet_files": files}
+    summary = out / "_runs" / f"{run_id}.json"
+    if summary.exists():  # the job's own view: time per step, images/s inside Ray Data
+        job = json.loads(summary.read_text())
+        result["job_seconds"] = job.get("seconds")
+        result["job_label_stage_images_per_s"] = job.get("label_stage_images_per_s")
+    return result
+
+
+def start_s3(stack: contextlib.ExitStack, args) -> C.S3Servers:
+    """moto + the latency proxy (stopped by ``stack``), with the faces uploaded."""
+    s3 = stack.enter_context(C.s3_servers(args.delay_ms))
+    fer_dir, n = C.fer_subset(args.fer, args.sizes["s3"], args.workdir)
+    args.sizes["s3"] = n
+    t0 = time.perf_counter()
+    C.upload_files(s3.moto_endpoint, BUCKET, "faces", C.list_local(fer_dir), fer_dir)
+    print(f"[s3] uploaded {n:,} faces to moto in {time.perf_counter() - t0:.1f} s; "
+          f"proxy {s3.proxy_endpoint} adds {args.delay_ms:g} ms per request", flush=True)
+    return s3
+
+
+def start_ray() -> float:
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_scenario(args) -> dict:
+    """Generate (cached) labelled Parquet + a listing, then time the job's planning in a fresh
+    process, so the peak RSS is the planning's own (plus interpreter and imports)."""
+    from emotion_core.labels import CANONICAL
+
+    t0 = time.perf_counter()
+    data = C.plan_data(args.workdir, args.sizes["plan_rows"], args.sizes["plan_new"], list(CANONICAL))
+    print(f"[plan] inputs ready in {time.perf_counter() - t0:.1f} s: {data}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.label_bench", "--plan-child", str(data)],
+                          cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"planning child failed:\n{proc.stdout}\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["goal_met"] = result["seconds"] < 60 and result["peak_rss_mb"] < 4096
+    return result
+
+
+def plan_child(data: Path) -> dict:
+    """In a fresh process: time ``jobs._label_plan.plan_incremental`` over the generated output
+    table and listing, then the carry-forward read of the skipped rows (reported separately)."""
+    import pyarrow.parquet as pq
+
+    from emotion_core.labels import CANONICAL
+    from jobs import _label_io, _label_plan
+
+    listing = _label_io.unique_sorted(pq.read_table(data / "listing.parquet").cast(_label_io.LISTING_SCHEMA))
+    labelled = sum(pq.ParquetFile(f).metadata.num_rows for f in (data / "labels").rglob("*.parquet"))
+    rss_before = C.current_rss_mb()
+    t0 = time.perf_counter()
+    plan = _label_plan.plan_incremental(listing, str(data / "labels"), C.PLAN_MODEL_VERSION)
+    seconds = time.perf_counter() - t0
+    peak_plan = C.peak_rss_mb()
+    t0 = time.perf_counter()
+    carried = _label_plan.carry_forward(str(data / "labels"), plan.skipped, list(CANONICAL))
+    carry_s = time.perf_counter() - t0
+    return {
+        "labelled_rows": labelled, "listing_rows": listing.num_rows, "todo": plan.todo.num_rows,
+        "skipped": plan.skipped.num_rows, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_plan),
+        "rss_before_plan_mb": round(rss_before), "carry_forward_rows": carried.num_rows,
+        "carry_forward_seconds": round(carry_s, 2), "peak_rss_with_carry_forward_mb": round(C.peak_rss_mb()),
+        "function": "jobs._label_plan.plan_incremental(listing, output_uri, model_version)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def fmt(x, spec=",.0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: dict) -> str:
+    head = ["scenario", "N (naive/pipe)", "naive img/s", "pipeline img/s", "ratio", "ceiling img/s",
+            "pipe/ceiling", "goal", "met", "fixed cost s", "pipe img/s after it"]
+    rows = []
+    for name in ("local", "s3", "large"):
+        r = results.get(name)
+        if not r:
+            continue
+        ceiling = r.get("ceiling", {}).get("gets_per_s")
+        rows.append([name, f"{r['naive']['n']:,}/{r['pipeline']['n']:,}", fmt(r["naive"]["images_per_s"]),
+                     fmt(r["pipeline"]["images_per_s"]), fmt(r["ratio"], ".2f") + "x", fmt(ceiling),
+                     fmt(r.get("of_ceiling"), ".0%"), GOALS[name], "yes" if r["goal_met"] else "NO",
+                     fmt(r["pipeline"].get("fixed_cost_s"), ".1f"),
+                     fmt(r["pipeline"].get("after_fixed_cost_images_per_s"))])
+    if "plan" in results:
+        r = results["plan"]
+        rows.append(["plan", f"{r['labelled_rows']:,} + {r['listing_rows']:,} listed",
+                     "-", "-", f"{r['seconds']:.1f} s", "-", "-",
+                     f"{GOALS['plan']} (peak RSS {r['peak_rss_mb'] / 1024:.2f} GB)",
+                     "yes" if r["goal_met"] else "NO", "-", "-"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def fixed_cost(input_uri: str, model_uri: str, out: Path, pipe: dict, extra: list[str]) -> None:
+    """Run the job again with ``--limit 8`` (same listing, 8 images): its wall time is the job's
+    fixed cost (listing, model checks, actor start-up, commit). Adds it to ``pipe`` with the
+    throughput once that cost is paid. Measured after the timed run, so Ray's worker pool is warm:
+    it is a lower bound of the fixed cost inside the timed run."""
+    small = run_pipeline(input_uri, model_uri, out, 8, [*extra, "--limit", "8"])
+    pipe["fixed_cost_s"] = small["seconds"]
+    busy = pipe["seconds"] - small["seconds"]
+    pipe["after_fixed_cost_images_per_s"] = round((pipe["n"] - 8) / busy, 1) if busy > 0 else None
+
+
+def finish(name: str, results: dict, naive: dict, pipe: dict, goal_ratio: float | None) -> None:
+    r = {"naive": naive, "pipeline": pipe, "ratio": round(pipe["images_per_s"] / naive["images_per_s"], 3)}
+    steady = pipe.get("after_fixed_cost_images_per_s")
+    if steady:
+        r["ratio_after_fixed_cost"] = round(steady / naive["images_per_s"], 3)
+    if goal_ratio is not None:
+        r["goal_met"] = r["ratio"] >= goal_ratio
+    results[name] = r
+    print(f"[{name}] naive {naive['images_per_s']:,.0f} img/s, pipeline {pipe['images_per_s']:,.0f} img/s "
+          f"-> {r['ratio']:.2f}x", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plan_child:
+        print(json.dumps(plan_child(args.plan_child)))
+        return 0
+    for k, v in C.BENCH_ENV.items():
+        os.environ.setdefault(k, v)
+    sizes, scen = args.sizes, args.scenarios
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    extra = shlex.split(args.job_args)
+    results: dict = {}
+    meta = {
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_at_start": C.load_average(),
+        "quick": args.quick,
+        "sizes": sizes,
+        "job_args": extra,
+        "timed": "pipeline: the whole jobs.label.main() call (listing, model checks, Ray Data execution "
+                 "incl. actor start-up and model load, Parquet write, commit); ray.init() excluded. "
+                 "naive: list + read + decode + forward + Parquet write, one process, before Ray starts.",
+    }
+    print(f"workdir {args.workdir} (scratch {scratch}); sizes {sizes}", flush=True)
+
+    model_uri = C.save_untrained_model(scratch / "model")
+    from emotion_core.checkpoint import load_manifest
+
+    spec = load_manifest(model_uri).input_spec
+    naive: dict = {}
+    try:
+        # ---- inputs --------------------------------------------------------------------------
+        if "local" in scen or "s3" in scen:
+            if not args.fer.is_dir():
+                raise SystemExit(f"FER folder {args.fer} not found: pass --fer DIR")
+        if "local" in scen:
+            fer_dir, n = C.fer_subset(args.fer, sizes["local"], args.workdir)
+            sizes["local"] = n
+        if "large" in scen:
+            t0 = time.perf_counter()
+            large_dir = C.large_photos(args.workdir, sizes["large"])
+            print(f"large photos ready in {time.perf_counter() - t0:.1f} s: {large_dir}", flush=True)
+
+        with contextlib.ExitStack() as stack:
+            s3 = start_s3(stack, args) if "s3" in scen else None
+            # ---- naive loops, before Ray starts ------------------------------------------------
+            if "local" in scen:
+                naive["local"] = time_naive(lambda: C.local_items(C.list_local(fer_dir)), C.read_local,
+                                            shared_decode(spec), model_uri, scratch / "naive-local")
+                print(f"[local] naive: {naive['local']}", flush=True)
+            if "large" in scen:
+                naive["large"] = time_naive(lambda: C.local_items(C.list_local(large_dir)), C.read_local,
+                                            C.naive_pil_decode, model_uri, scratch / "naive-large")
+                print(f"[large] naive: {naive['large']}", flush=True)
+            if s3 is not None:
+                client = C.boto_client(s3.proxy_endpoint)
+                naive["s3"] = time_naive(
+                    lambda: C.s3_items(C.list_s3(client, BUCKET, "faces")[: sizes["s3_naive"]]),
+                    C.s3_reader(s3.proxy_endpoint), shared_decode(spec), model_uri, scratch / "naive-s3")
+                print(f"[s3] naive: {naive['s3']}", flush=True)
+                keys = [o.key for o in C.list_s3(client, BUCKET, "faces")][: sizes["ceiling_gets"]]
+                ceiling = C.concurrent_get_rate(s3.proxy_endpoint, BUCKET, keys, threads=64)
+                print(f"[s3] ceiling: {ceiling:,.0f} GETs/s (64 threads, {len(keys)} GETs)", flush=True)
+
+            # ---- pipelines on one embedded Ray -------------------------------------------------
+            if {"local", "s3", "large"} & set(scen):
+                meta["ray_init_s"] = round(start_ray(), 2)
+                if "local" in scen:
+                    pipe = run_pipeline(str(fer_dir), model_uri, scratch / "pipe-local", sizes["local"], extra)
+                    fixed_cost(str(fer_dir), model_uri, scratch / "pipe-small", pipe, extra)
+                    finish("local", results, naive["local"], pipe, 1.0)
+                if "large" in scen:
+                    pipe = run_pipeline(str(large_dir), model_uri, scratch / "pipe-large", sizes["large"], extra)
+                    fixed_cost(str(large_dir), model_uri, scratch / "pipe-small", pipe, extra)
+                    finish("large", results, naive["large"], pipe, 3.0)
+                if s3 is not None:
+                    pipe = run_pipeline(f"s3://{BUCKET}/faces", model_uri, scratch / "pipe-s3", sizes["s3"], extra)
+                    fixed_cost(f"s3://{BUCKET}/faces", model_uri, scratch / "pipe-small", pipe, extra)
+                    finish("s3", results, naive["s3"], pipe, None)
+                    r = results["s3"]
+                    r["ceiling"] = {"gets_per_s": round(ceiling, 1), "threads": 64, "gets": len(keys)}
+                    r["of_ceiling"] = round(pipe["images_per_s"] / ceiling, 3)
+                    r["delay_ms"] = args.delay_ms
+                    r["goal_met"] = r["of_ceiling"] >= 0.8
+                    if pipe.get("after_fixed_cost_images_per_s"):
+                        r["of_ceiling_after_fixed_cost"] = round(pipe["after_fixed_cost_images_per_s"] / ceiling, 3)
+                import ray
+
+                ray.shutdown()
+
+        # ---- planning ---------------------------------------------------------------------------
+        if "plan" in scen:
+            results["plan"] = plan_scenario(args)
+            print(f"[plan] {results['plan']}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    meta["load_avg_at_end"] = C.load_average()
+    meta["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    print()
+    print(table(results))
+    print(f"\nload average at start {meta['load_avg_at_start']}, at end {meta['load_avg_at_end']}; {meta['timed']}")
+    args.output_json.parent.mkdir(parents=True, exist_ok=True)
+    args.output_json.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+    print(f"wrote {args.output_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
