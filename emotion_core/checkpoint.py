@@ -1,6 +1,6 @@
 """Model checkpoints: a directory (local or S3 prefix) with model.safetensors + model.json.
 
-Contract (signatures fixed):
+API:
     class CheckpointError(RuntimeError)     # message names the file and the problem
     @dataclass class ModelManifest:
         architecture: str; classes: list[str]; input_spec: InputSpec
@@ -14,7 +14,7 @@ Contract (signatures fixed):
     resolve_model_uri(uri) -> str       # accepts a model dir or a pointer json (latest.json) -> model dir
     write_pointer(pointer_uri, model_uri, manifest) -> None    # atomic
 
-Added helpers: new_version_id(), utc_now_iso(), dataset_fingerprint(items), model_state_dict(model).
+Also: new_version_id(), utc_now_iso(), dataset_fingerprint(items), model_state_dict(model).
 
 Layout and decisions:
 - ``model.safetensors``: the model's state dict (DDP ``module.`` / torch.compile ``_orig_mod.``

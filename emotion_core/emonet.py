@@ -1,6 +1,6 @@
 """EmoNet: our CNN for 48x48 faces, sized for accuracy per CPU-minute.
 
-Contract: ``EmoNet(num_classes: int, in_chans: int = 1)``; input (N, in_chans, 48, 48).
+``EmoNet(num_classes: int, in_chans: int = 1)``; input (N, in_chans, 48, 48).
 
 Design (measured on 2 Zen 4 cores, forward+backward, batch 128; see bench/train_bench.py):
 - VGG-style stages of 3x3 conv -> batch norm -> ReLU, two convs per stage, 2x2 max pooling
@@ -13,8 +13,7 @@ Design (measured on 2 Zen 4 cores, forward+backward, batch 128; see bench/train_
   channels_last and bf16 at high efficiency, while depthwise convs are memory-bound and slower
   per FLOP. With bf16 autocast (AVX512-BF16) it trains at about 400 images/s on 2 cores, ~36
   epochs of FER2013 in 30 minutes.
-- Kaiming init for convs, zero-init of the last BN gamma of nothing: kept plain so that weights
-  from other frameworks' VGG-style nets map easily.
+- Kaiming init for convs; otherwise kept plain so weights from other VGG-style nets map easily.
 """
 
 from __future__ import annotations

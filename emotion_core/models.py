@@ -1,6 +1,6 @@
 """Model registry in the style of timm's ``create_model``.
 
-Contract (signatures fixed):
+API:
     register_model(name, input_spec: InputSpec, description: str) -> decorator over fn(num_classes) -> nn.Module
     list_models() -> list[str]                # ["cnn", "efficientnet_b2", "emonet"]
     get_input_spec(name) -> InputSpec

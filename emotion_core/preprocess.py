@@ -1,6 +1,6 @@
 """Image bytes -> model input. ONE code path, used by training and by labelling.
 
-Contract (helpers implement; signatures are fixed):
+API:
 
     @dataclass(frozen=True)
     class InputSpec:
@@ -12,7 +12,7 @@ Contract (helpers implement; signatures are fixed):
 
     class ImageDecodeError(ValueError):
         reason: str    # short machine-friendly reason, e.g. "empty", "not_an_image", "truncated",
-                       # "decompression_bomb", "unsupported_mode", "too_small"
+                       # "decompression_bomb", "unsupported_mode", "decode_failed"
         str(e) is a one-line human message.
 
     decode_image(data: bytes, spec: InputSpec) -> tuple[np.ndarray, int, int]
@@ -21,7 +21,6 @@ Contract (helpers implement; signatures are fixed):
         uint8 (N, C, H, W) or (C, H, W) -> float32 normalised tensor (same leading shape)
     preprocess(data: bytes, spec) -> torch.Tensor   # normalize(decode_image(...)[0])
 
-Added:
     decode_batch(items, spec) -> (uint8 (N, C, size, size), widths, heights, errors)
         never raises for bad bytes: failed items are zeros, width/height None and
         error "<reason>: <detail>" (the labelling job's error rows).
