@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from emotion_core.preprocess import IMAGE_EXTENSIONS
+
 BENCH_ENV = {
     "RAY_ACCEPT_CPU_ONLY": "1",
     "RAY_USAGE_STATS_ENABLED": "0",

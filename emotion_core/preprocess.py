@@ -113,6 +113,8 @@ REASONS = frozenset(
     {"empty", "not_an_image", "truncated", "decompression_bomb", "unsupported_mode", "decode_failed"}
 )
 FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# File extensions of the formats above (listing inputs; compare with str.lower().endswith).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 BACKGROUND = 255  # composite transparent images on white
 RESAMPLE = Image.Resampling.BILINEAR
 REDUCING_GAP = 3.0

@@ -37,8 +37,8 @@ import numpy as np
 from emotion_core import storage
 from emotion_core.checkpoint import dataset_fingerprint
 from emotion_core.labels import UnknownLabelError, canonical_label, sort_classes
+from emotion_core.preprocess import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SPLIT_ALIASES = {
     "train": "train",
     "training": "train",

@@ -35,9 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emotion_core import storage
+from emotion_core.preprocess import IMAGE_EXTENSIONS
 from emotion_core.schema import TIMESTAMP
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 LISTING_SCHEMA = pa.schema(
     [
