@@ -142,7 +142,8 @@ def _draw_large_photo(rng: np.random.Generator, noise: np.ndarray, width: int, h
     ex, ey, er = int(side * 0.15), cy - int(side * 0.1), max(4, int(side * 0.04))
     for sx in (-1, 1):
         d.ellipse([cx + sx * ex - er, ey - er, cx + sx * ex + er, ey + er], fill=(30, 30, 30))
-        d.line([cx + sx * ex - 2 * er, ey - 3 * er, cx + sx * ex + 2 * er, ey - 3 * er + int(rng.integers(-er, er + 1))],
+        brow_tilt = int(rng.integers(-er, er + 1))
+        d.line([cx + sx * ex - 2 * er, ey - 3 * er, cx + sx * ex + 2 * er, ey - 3 * er + brow_tilt],
                fill=(60, 40, 30), width=max(2, er // 2))
     mw, my = int(side * 0.16), cy + int(side * 0.2)
     curve = int(rng.integers(-side // 12, side // 12 + 1))
@@ -172,23 +173,11 @@ def large_photos(workdir: Path, n: int, width: int = 1600, height: int = 1200, s
 
 
 def save_untrained_model(model_dir: Path, architecture: str = "cnn") -> str:
-    """An untrained model checkpoint (inference cost does not depend on trained weights)."""
-    import torch
-
-    from emotion_core.checkpoint import ModelManifest, save_model
+    """An untrained 7-class model checkpoint (inference cost does not depend on trained weights)."""
     from emotion_core.labels import CANONICAL
-    from emotion_core.models import create_model, get_input_spec
+    from tests.helpers import save_untrained_model as save
 
-    torch.manual_seed(0)
-    classes = list(CANONICAL)
-    model = create_model(architecture, len(classes))
-    manifest = ModelManifest(
-        architecture=architecture,
-        classes=classes,
-        input_spec=get_input_spec(architecture),
-        training_config={"note": "untrained, for benchmarking only"},
-    )
-    return save_model(str(model_dir), model, manifest)
+    return save(model_dir, classes=CANONICAL, architecture=architecture)[0]
 
 
 # ---------------------------------------------------------------------------------------------

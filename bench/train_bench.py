@@ -65,14 +65,14 @@ def subset_dir(root: str, per_class_fraction: float, workdir: Path, seed: int = 
 def train_args(data: str, output: str, name: str, model: str, epochs: int, batch: int, extra=()) -> list[str]:
     return ["--data", data, "--output", output, "--name", name, "--model", model, "--epochs", str(epochs),
             "--batch-size", str(batch), "--num-workers", "1", "--patience", "0", "--max-failures", "0",
-            "--keep", "1", "--quiet", *extra]
+            "--keep", "1", *extra]
 
 
 def run_train(argv: list[str]) -> dict:
     from jobs import train
 
     t0 = time.perf_counter()
-    report = train.run(train.build_parser().parse_args(argv), log=lambda s: print(s, flush=True))
+    report = train.run(train.build_parser().parse_args(argv))
     report["wall_s"] = time.perf_counter() - t0
     return report
 
@@ -86,14 +86,14 @@ def plain_loop_images_per_s(data: str, model_name: str, batch: int, epochs: int 
 
     from emotion_core.models import create_model, get_input_spec
     from emotion_core.preprocess import normalize
-    from jobs import _data
-    from jobs._train_loop import _node_cpus, augment, lr_factor, make_optimizer, resolve_precision
+    from jobs import _train_data
+    from jobs._train_recipe import augment, lr_factor, make_optimizer, node_cpus, resolve_precision
 
     spec = get_input_spec(model_name)
-    splits = _data.discover(data, val_fraction=0.1, seed=seed)
-    decoded = _data.decode_splits(splits, spec, seed=seed)
-    images, labels = _data.dataset_to_arrays(decoded.datasets["train"])
-    threads = max(1, _node_cpus())
+    splits = _train_data.discover(data, val_fraction=0.1, seed=seed)
+    decoded = _train_data.decode_splits(splits, spec, seed=seed)
+    images, labels = _train_data.dataset_to_arrays(decoded.datasets["train"])
+    threads = max(1, node_cpus())
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = create_model(model_name, len(splits.classes)).to(memory_format=torch.channels_last)
@@ -131,8 +131,16 @@ def accuracy_run(data: str, out: str, model: str, minutes: float, ips: float, n_
     epochs = max(1, math.floor(minutes * 60 / per_epoch_s))
     print(f"\n[bench] {model}: budget {minutes:g} min, ~{per_epoch_s:.0f} s/epoch -> {epochs} epochs", flush=True)
     r = run_train(train_args(data, out, f"acc-{model}", model, epochs, batch, ("--seed", "0")))
-    curve = [{"epoch": h["epoch"], "elapsed_min": round(h["elapsed_s"] / 60, 2), "val_acc": round(h["val_acc"], 4),
-              "val_macro_f1": round(h["val_macro_f1"], 4), "train_loss": round(h["train_loss"], 4)} for h in r["history"]]
+    curve = [
+        {
+            "epoch": h["epoch"],
+            "elapsed_min": round(h["elapsed_s"] / 60, 2),
+            "val_acc": round(h["val_acc"], 4),
+            "val_macro_f1": round(h["val_macro_f1"], 4),
+            "train_loss": round(h["train_loss"], 4),
+        }
+        for h in r["history"]
+    ]
     best = max(curve, key=lambda c: c["val_acc"])
     return {
         "model": model,
@@ -152,14 +160,24 @@ def accuracy_run(data: str, out: str, model: str, minutes: float, ips: float, n_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/fer2013/train", help="FER2013 train folder or Kaggle root (default %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.train_bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default="../shared/data/fer2013/train",
+        help="FER2013 train folder or Kaggle root (default %(default)s)",
+    )
     p.add_argument("--minutes", type=float, default=30.0, help="emonet training budget (default %(default)s)")
     p.add_argument("--cnn-minutes", type=float, default=10.0, help="classic cnn training budget (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="~2-3 minute smoke run on small subsets")
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/train.json, train_quick.json with --quick)")
+    p.add_argument(
+        "--out", default=None, help="results JSON (default bench/results/train.json, train_quick.json with --quick)"
+    )
     args = p.parse_args(argv)
     for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
@@ -171,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from jobs._train_loop import _node_cpus, quiet_ray_logs, resolve_precision
+    from jobs._cli import init_ray
+    from jobs._train_recipe import node_cpus, resolve_precision
 
-    ray.init(include_dashboard=False, logging_level="warning")
-    quiet_ray_logs()
+    init_ray()
     results: dict = {
-        "machine": {"cpus": _node_cpus(), "processor": platform.processor() or platform.machine(),
+        "machine": {"cpus": node_cpus(), "processor": platform.processor() or platform.machine(),
                     "precision_auto_cpu": str(resolve_precision("auto", False)).replace("torch.", "")},
         "quick": args.quick,
         "data": root,
@@ -188,23 +206,37 @@ def main(argv: list[str] | None = None) -> int:
         tp_data = subset_dir(root, 0.1 if args.quick else 0.4, work)
         print(f"[bench] (a) throughput on {tp_data}: plain PyTorch loop", flush=True)
         plain = plain_loop_images_per_s(tp_data, "emonet", args.batch_size)
-        print(f"[bench] plain loop: {plain['images_per_s']:.0f} images/s ({plain['threads']} threads, {plain['precision']})", flush=True)
+        print(
+            f"[bench] plain loop: {plain['images_per_s']:.0f} images/s "
+            f"({plain['threads']} threads, {plain['precision']})",
+            flush=True,
+        )
         print("[bench] (a) Ray Train, 1 worker", flush=True)
         rt = run_train(train_args(tp_data, str(work / "runs"), "throughput", "emonet", 2, args.batch_size))
         ray_ips = rt["history"][-1]["images_per_s"]
         ratio = ray_ips / plain["images_per_s"]
         results["throughput"] = {
-            "model": "emonet", "batch_size": args.batch_size, "threads": plain["threads"], "precision": plain["precision"],
-            "train_images": plain["train_images"], "plain_images_per_s": round(plain["images_per_s"], 1),
-            "ray_train_images_per_s": round(ray_ips, 1), "ratio": round(ratio, 3), "goal": 0.9,
+            "model": "emonet",
+            "batch_size": args.batch_size,
+            "threads": plain["threads"],
+            "precision": plain["precision"],
+            "train_images": plain["train_images"],
+            "plain_images_per_s": round(plain["images_per_s"], 1),
+            "ray_train_images_per_s": round(ray_ips, 1),
+            "ratio": round(ratio, 3),
+            "goal": 0.9,
         }
-        print(f"[bench] Ray Train {ray_ips:.0f} vs plain {plain['images_per_s']:.0f} images/s: ratio {ratio:.2f} (goal >= 0.9)", flush=True)
+        print(
+            f"[bench] Ray Train {ray_ips:.0f} vs plain {plain['images_per_s']:.0f} images/s: "
+            f"ratio {ratio:.2f} (goal >= 0.9)",
+            flush=True,
+        )
 
         # (b) accuracy vs wall-clock
         acc_data = subset_dir(root, 0.15, work) if args.quick else root
-        from jobs import _data
+        from jobs import _train_data
 
-        n_train = len(_data.discover(acc_data, val_fraction=0.1, seed=0).train)
+        n_train = len(_train_data.discover(acc_data, val_fraction=0.1, seed=0).train)
         # the cnn's speed, for its epoch count: one plain epoch, scaled by the measured Ray ratio
         cnn_ips = plain_loop_images_per_s(tp_data, "cnn", args.batch_size, epochs=1)["images_per_s"] * min(1.0, ratio)
         runs = []
@@ -216,12 +248,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n[bench] results")
     th = results["throughput"]
-    print(f"  (a) emonet, batch {th['batch_size']}, {th['threads']} threads, {th['precision']}: "
-          f"plain {th['plain_images_per_s']:.0f} img/s, Ray Train 1 worker {th['ray_train_images_per_s']:.0f} img/s, ratio {th['ratio']:.2f}")
+    print(
+        f"  (a) emonet, batch {th['batch_size']}, {th['threads']} threads, {th['precision']}: "
+        f"plain {th['plain_images_per_s']:.0f} img/s, Ray Train 1 worker {th['ray_train_images_per_s']:.0f} img/s, "
+        f"ratio {th['ratio']:.2f}"
+    )
     for r in results["accuracy"]:
-        print(f"  (b) {r['model']:7} {r['epochs']:3d} epochs in {r['training_min']:.1f} min training ({r['job_wall_min']:.1f} min job): "
-              f"val acc {r['final_val_acc']:.4f} (best {r['best_val_acc']:.4f}), macro-F1 {r['exported_model_val_macro_f1']:.4f}, "
-              f"{r['images_per_s']:.0f} img/s, {r['params']:,} params")
+        print(
+            f"  (b) {r['model']:7} {r['epochs']:3d} epochs in {r['training_min']:.1f} min training "
+            f"({r['job_wall_min']:.1f} min job): val acc {r['final_val_acc']:.4f} (best {r['best_val_acc']:.4f}), "
+            f"macro-F1 {r['exported_model_val_macro_f1']:.4f}, "
+            f"{r['images_per_s']:.0f} img/s, {r['params']:,} params"
+        )
         for c in r["curve"]:
             print(f"        epoch {c['epoch']:3d}  {c['elapsed_min']:6.2f} min  val acc {c['val_acc']:.4f}")
     out_json.parent.mkdir(parents=True, exist_ok=True)

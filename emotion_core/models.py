@@ -1,15 +1,9 @@
 """Model registry in the style of timm's ``create_model``.
 
-API:
-    register_model(name, input_spec: InputSpec, description: str) -> decorator over fn(num_classes) -> nn.Module
-    list_models() -> list[str]                # ["cnn", "efficientnet_b2", "emonet"]
-    get_input_spec(name) -> InputSpec
-    create_model(name, num_classes, init_weights: str | None = None) -> nn.Module
-        unknown name -> UnknownModelError(ValueError) listing the choices;
-        init_weights: local path or s3:// URI of a .safetensors (or .pth loaded weights_only=True)
-        file; shape mismatch -> ValueError naming the parameter (classifier head may be skipped
-        when only its shape differs).
-    count_parameters(model) -> int
+Each model declares its default :class:`InputSpec` (size, channels, normalisation);
+``create_model(name, num_classes, img_size=..., in_chans=..., **kwargs)`` builds it, passing
+model options through as timm does, and :func:`resolve_input_spec` gives the spec that goes with
+those options (stored in ``model.json`` so labelling feeds the model what it was trained on).
 
 Registered models and their input specs:
 
@@ -58,8 +52,8 @@ class UnknownModelError(ValueError):
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    fn: Callable[[int], nn.Module]
-    input_spec: InputSpec
+    fn: Callable[..., nn.Module]  # fn(num_classes, *, img_size, in_chans, **kwargs)
+    input_spec: InputSpec  # the default; img_size / in_chans override it
     description: str
 
 
@@ -67,9 +61,9 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, input_spec: InputSpec, description: str):
-    """Decorator registering ``fn(num_classes) -> nn.Module`` under ``name``."""
+    """Decorator registering ``fn(num_classes, *, img_size, in_chans, **kwargs) -> nn.Module``."""
 
-    def decorator(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = ModelEntry(name, fn, input_spec, description)
@@ -92,7 +86,25 @@ def get_model_entry(name: str) -> ModelEntry:
 
 
 def get_input_spec(name: str) -> InputSpec:
+    """The model's default input spec."""
     return get_model_entry(name).input_spec
+
+
+def resolve_input_spec(name: str, img_size: int | None = None, in_chans: int | None = None) -> InputSpec:
+    """The model's input spec with ``img_size`` / ``in_chans`` overrides (timm's names). A
+    channel change keeps the normalisation: one value replicated to 3 channels, or the mean of
+    3 values for 1 channel."""
+    spec = get_model_entry(name).input_spec
+    size = spec.size if img_size is None else int(img_size)
+    chans = spec.channels if in_chans is None else int(in_chans)
+    if not 8 <= size <= 1024:
+        raise ValueError(f"img_size must be between 8 and 1024, got {size}")
+    if chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {chans}")
+    mean, std = spec.mean, spec.std
+    if chans != spec.channels:
+        mean, std = ((mean[0],) * 3, (std[0],) * 3) if chans == 3 else ((sum(mean) / 3,), (sum(std) / 3,))
+    return InputSpec(size=size, channels=chans, mean=mean, std=std)
 
 
 def model_descriptions() -> dict[str, str]:
@@ -100,13 +112,24 @@ def model_descriptions() -> dict[str, str]:
     return {n: _REGISTRY[n].description for n in list_models()}
 
 
-def create_model(name: str, num_classes: int, init_weights: str | None = None) -> nn.Module:
-    """Build a registered model with ``num_classes`` outputs, optionally initialised from a
-    weights file (local path or s3:// URI). Never downloads anything."""
+def create_model(
+    name: str,
+    num_classes: int,
+    init_weights: str | None = None,
+    *,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model with ``num_classes`` outputs for ``img_size`` x ``img_size``
+    inputs with ``in_chans`` channels (default: the model's input spec); other keyword arguments
+    go to the model (e.g. ``dropout``, ``widths`` for emonet, any timm option for efficientnet_b2).
+    Optionally initialised from a weights file (local path or s3:// URI). Never downloads."""
     entry = get_model_entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = entry.fn(num_classes)
+    spec = resolve_input_spec(name, img_size, in_chans)
+    model = entry.fn(num_classes, img_size=spec.size, in_chans=spec.channels, **kwargs)
     if init_weights:
         _init_from_file(model, name, init_weights)
     return model
@@ -239,16 +262,17 @@ RGB_96_IMAGENET = InputSpec(size=96, channels=3, mean=IMAGENET_MEAN, std=IMAGENE
     GRAY_48,
     "Keras-style Sequential CNN: Conv16-Pool-Conv32-Pool-Conv16-Pool-Dense256-Dense(n), ReLU (~0.1M params)",
 )
-def cnn(num_classes: int) -> nn.Module:
+def cnn(num_classes: int, *, img_size: int = 48, in_chans: int = 1) -> nn.Module:
     """Keras defaults: 3x3 'valid' convolutions and 2x2 max pooling, so 48 -> 46 -> 23 -> 21 ->
-    10 -> 8 -> 4 and the flattened feature map is 16 * 4 * 4."""
-    spec = GRAY_48
-    side = spec.size
+    10 -> 8 -> 4 and the flattened feature map is 16 * 4 * 4 (at 256: 16 * 30 * 30)."""
+    side = img_size
     for _ in range(3):
         side = (side - 2) // 2
+    if side < 1:
+        raise ValueError(f"cnn needs img_size >= 22, got {img_size}")
     return nn.Sequential(
         OrderedDict(
-            conv1=nn.Conv2d(spec.channels, 16, 3),
+            conv1=nn.Conv2d(in_chans, 16, 3),
             relu1=nn.ReLU(inplace=True),
             pool1=nn.MaxPool2d(2),
             conv2=nn.Conv2d(16, 32, 3),
@@ -271,18 +295,14 @@ def cnn(num_classes: int) -> nn.Module:
     "timm EfficientNet-B2 from scratch (~7.7M params), 96x96 RGB with ImageNet normalisation; "
     "--init-weights can start it from a local/S3 ImageNet weights file",
 )
-def efficientnet_b2(num_classes: int) -> nn.Module:
+def efficientnet_b2(num_classes: int, *, img_size: int = 96, in_chans: int = 3, **kwargs) -> nn.Module:
     """``pretrained=False`` always: timm then makes no hub or network call. Dropout 0.3 before
-    the classifier, as in the EfficientNet-B2 paper."""
+    the classifier, as in the EfficientNet-B2 paper. The network is fully convolutional, so
+    ``img_size`` needs no change to it."""
     import timm
 
-    return timm.create_model(
-        "efficientnet_b2",
-        pretrained=False,
-        num_classes=num_classes,
-        in_chans=RGB_96_IMAGENET.channels,
-        drop_rate=0.3,
-    )
+    kwargs.setdefault("drop_rate", 0.3)
+    return timm.create_model("efficientnet_b2", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 @register_model(
@@ -290,7 +310,8 @@ def efficientnet_b2(num_classes: int) -> nn.Module:
     GRAY_48,
     "our CNN for 48x48 faces: 4 conv blocks with batch norm, global average pooling, dropout",
 )
-def emonet(num_classes: int) -> nn.Module:
+def emonet(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kwargs) -> nn.Module:
+    """Global average pooling makes it input-size independent; ``kwargs``: widths, depths, dropout."""
     from emotion_core.emonet import EmoNet
 
-    return EmoNet(num_classes, in_chans=GRAY_48.channels)
+    return EmoNet(num_classes, in_chans=in_chans, **kwargs)

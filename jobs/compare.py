@@ -16,6 +16,10 @@ import json
 import sys
 
 from emotion_core import storage
+from emotion_core.models import list_models
+
+from . import _cli, train
+from ._cli import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", required=True, help="dataset URI, as for jobs.train")
-    p.add_argument("--models", default="cnn,efficientnet_b2,emonet", help="comma-separated models (default %(default)s)")
-    p.add_argument("--output", default="outputs/compare", help="where the runs and the table go (default %(default)s)")
+    p.add_argument("--models", default="cnn,efficientnet_b2,emonet",
+                   help="comma-separated models (default %(default)s)")
+    p.add_argument("--output", default="outputs/compare",
+                   help="where the runs and the table go (default %(default)s)")
     p.add_argument("--name-prefix", default="compare-", help="run name = prefix + model (default %(default)s)")
     return p
 
 
 def table(rows: list[dict]) -> str:
-    from jobs._train_report import format_rows
-
-    return format_rows(
+    return _cli.format_table(
         ["model", "accuracy", "macro-F1", "params", "train time", "images/s", "epochs", "eval split"],
         [
             [
@@ -55,38 +59,19 @@ def table(rows: list[dict]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from emotion_core.checkpoint import CheckpointError
-    from emotion_core.models import list_models
-    from jobs import train
-
-    args, rest = build_parser().parse_known_args(argv)
+def run(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in list_models()]
     if not models or unknown:
-        print(f"error: --models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join(list_models())}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(list_models())}")
     parser = train.build_parser()
-    runs = []
-    for m in models:
-        argv_m = ["--data", args.data, "--model", m, "--output", args.output, "--name", f"{args.name_prefix}{m}", *rest]
-        try:
-            runs.append((m, parser.parse_args(argv_m)))
-        except SystemExit as e:  # argparse already printed the problem
-            return int(e.code or 2)
-
+    runs = [(m, parser.parse_args(["--data", args.data, "--model", m, "--output", args.output,
+                                   "--name", f"{args.name_prefix}{m}", *rest])) for m in models]
     rows = []
     for m, targs in runs:
-        print(f"\n[compare] === {m}")
-        try:
-            report = train.run(targs)
-        except train.UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (train.TrainingError, storage.StorageError, CheckpointError) as e:
-            print(f"error: {m}: {e}", file=sys.stderr)
-            return 1
+        _cli.say("compare", f"=== {m}")
+        report = train.run(targs)
         rows.append(
             {
                 "model": m,
@@ -101,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     text = table(rows)
-    print("\n[compare] results\n" + text)
+    _cli.say("compare", "results\n" + text)
     storage.write_bytes(storage.join(args.output, "comparison.json"), json.dumps(rows, indent=1).encode())
     storage.write_bytes(storage.join(args.output, "comparison.md"), ("```\n" + text + "\n```\n").encode())
-    return 0
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    return _cli.run_main("jobs.compare", lambda: run(args, rest))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs import label, report, train
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
     try:
         steps = [
             ("train", train.main, ["--data", data_uri, "--model", "cnn", "--output", models_uri,

@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import time
-import uuid
 import warnings
 from collections import Counter
 
@@ -33,13 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emotion_core import storage
+from emotion_core.checkpoint import new_version_id
 from emotion_core.schema import athena_ddl, label_schema
 
-from . import _label_commit, _label_infer, _label_io, _label_plan
-
-
-class UsageError(ValueError):
-    """Bad arguments or inputs: one line on stderr, exit 2."""
+from . import _cli, _label_commit, _label_infer, _label_io, _label_plan
+from ._cli import UsageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,21 +99,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.actors is not None and (args.min_actors or args.max_actors):
         raise UsageError("pass either --actors or --min-actors/--max-actors, not both")
-
-
-def new_run_id() -> str:
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-def init_ray():
-    """Reuse an initialised Ray; else connect to RAY_ADDRESS or start an embedded one.
-    Returns True when this call started (and so must stop) Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, configure_logging=False)
-    return True
 
 
 def actor_pool(args, ray_resources: dict):
@@ -234,7 +216,7 @@ def counts(table: pa.Table) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict:
     from emotion_core.checkpoint import CheckpointError, load_model, resolve_model_uri
 
     check_args(args)
@@ -249,14 +231,14 @@ def run(args: argparse.Namespace) -> int:
     classes = list(manifest.classes)
     if args.print_ddl:
         print(athena_ddl(classes, storage.parse(args.output).uri, table=args.table))
-        return 0
+        return {}
     # ... and the output writable.
     output = storage.parse(args.output).uri
     try:
         storage.check_writable(output)
     except storage.StorageError as e:
         raise UsageError(str(e)) from None
-    run_id = args.run_id or new_run_id()
+    run_id = args.run_id or new_version_id()
     recovered = _label_commit.recover(output)
 
     try:
@@ -277,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
           f"{plan.skipped.num_rows} unchanged (carried forward); model {manifest.architecture} "
           f"{manifest.version} ({len(classes)} classes)", flush=True)
 
-    started_ray = init_ray() if todo.num_rows else False
+    started_ray = _cli.init_ray() if todo.num_rows else False
     t_ray = time.perf_counter()
     try:
         results = label_objects(todo, args, model_uri, manifest)
@@ -326,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     )
     summary["summary_uri"] = _label_commit.write_run_summary(output, run_id, summary)
     print_summary(summary)
-    return 0
+    return summary
 
 
 def print_summary(s: dict) -> None:
@@ -342,11 +324,7 @@ def print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"jobs.label: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return _cli.run_main("jobs.label", lambda: run(args))
 
 
 if __name__ == "__main__":

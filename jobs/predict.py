@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from ._cli import JobError, UsageError, run_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -54,17 +56,14 @@ def predict(model, manifest, blobs: list[bytes | None]) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> list[dict]:
     from emotion_core import storage
     from emotion_core.checkpoint import CheckpointError, load_model
 
     try:
         model, manifest = load_model(args.model)
     except (CheckpointError, storage.StorageError, ValueError) as e:
-        print(f"error: --model: {e}", file=sys.stderr)
-        return 2
-
+        raise UsageError(f"--model: {e}") from e
     blobs: list[bytes | None] = []
     read_errors: dict[int, str] = {}
     for i, uri in enumerate(args.images):
@@ -73,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         except storage.StorageError as e:
             blobs.append(None)
             read_errors[i] = f"unreadable: {e}"
-    results = predict(model, manifest, blobs)
-    failed = 0
+    results = [{"error": read_errors[i]} if i in read_errors else r
+               for i, r in enumerate(predict(model, manifest, blobs))]
     width = max(len(p) for p in args.images)
-    for i, (uri, r) in enumerate(zip(args.images, results)):
-        if i in read_errors:
-            r = {"error": read_errors[i]}
+    for uri, r in zip(args.images, results):
         if args.json:
             print(json.dumps({"image": uri, **r}))
         elif "error" in r:
@@ -86,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
             print(f"{uri:<{width}}  {r['label']:<8} {r['confidence']:.3f}   [{probs}]")
-        failed += "error" in r
+    failed = sum("error" in r for r in results)
     if failed:
-        print(f"{failed} of {len(args.images)} image(s) could not be read or decoded", file=sys.stderr)
-    return 1 if failed else 0
+        raise JobError(f"{failed} of {len(args.images)} image(s) could not be read or decoded")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("jobs.predict", lambda: run(args))
 
 
 if __name__ == "__main__":

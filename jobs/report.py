@@ -32,11 +32,13 @@ from emotion_core.labels import CANONICAL
 from emotion_core.schema import PARTITION_COLUMN
 from emotion_core.storage import StorageError, filesystem
 
+from ._cli import JobError, format_table, run_main
+
 COLUMNS = ["label", "confidence", "error", "model_name", "model_version", "labelled_at"]
 BY_CHOICES = ("label", "model_version", "dt")
 
 
-class ReportError(RuntimeError):
+class ReportError(JobError):
     """Nothing to report on: missing dataset, unreadable files, or an empty selection."""
 
 
@@ -141,33 +143,6 @@ def run_queries(table: pa.Table, names: list[str]) -> dict[str, tuple[list[str],
         con.close()
 
 
-def format_table(columns: list[str], rows: list[tuple]) -> str:
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:g}"
-        if isinstance(v, dt.datetime):
-            return v.strftime("%Y-%m-%d %H:%M:%S")
-        return str(v)
-
-    text = [[cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in text:
-        lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
 def plot_per_day(rows: list[tuple], out: str) -> None:
     """Stacked bars: images per label per day (errors as their own grey segment)."""
     import matplotlib
@@ -214,19 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plot", metavar="PNG", help="also draw images per label per day to this PNG file")
     args = p.parse_args(argv)
+    return run_main("jobs.report", lambda: run(args))
 
-    try:
-        table = load_labels(args.labels, args.date, args.since)
-        if table.num_rows == 0:
-            which = f"dt={args.date}" if args.date else f"dt>={args.since}"
-            raise ReportError(f"no labels for {which} in {args.labels}")
-        names = ["totals", args.by, "errors"] + (["model_version"] if args.by != "model_version" else [])
-        if args.plot:
-            names.append("per_day_labels")
-        res = run_queries(table, names)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+def run(args: argparse.Namespace) -> dict:
+    table = load_labels(args.labels, args.date, args.since)
+    if table.num_rows == 0:
+        which = f"dt={args.date}" if args.date else f"dt>={args.since}"
+        raise ReportError(f"no labels for {which} in {args.labels}")
+    names = ["totals", args.by, "errors"] + (["model_version"] if args.by != "model_version" else [])
+    if args.plot:
+        names.append("per_day_labels")
+    res = run_queries(table, names)
 
     (rows, ok, errors, error_pct, first, last, days) = res["totals"][1][0]
     span = first if first == last else f"{first} .. {last} ({days} days)"
@@ -244,10 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plot_per_day(res["per_day_labels"][1], args.plot)
         except OSError as e:
-            print(f"error: cannot write plot {args.plot}: {e}", file=sys.stderr)
-            return 1
+            raise ReportError(f"cannot write plot {args.plot}: {e}") from e
         print(f"\nplot written to {args.plot}")
-    return 0
+    return res
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cluster import local, submit
-from tests._helpers_cluster import write_images
+from tests.helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_train_then_label_through_jobs_api(cluster, client, tmp_path, s3_bucket,
     logs = _run(client, [
         "python", "-m", "jobs.train", "--data", str(data), "--model", "cnn", "--output", str(runs),
         "--name", "e2e", "--epochs", "1", "--batch-size", "32", "--num-workers", "2",
-        "--publish", str(runs / "latest.json"), "--quiet",
+        "--publish", str(runs / "latest.json"),
     ])
     manifest = json.loads((runs / "e2e" / "model" / "model.json").read_text())
     assert manifest["classes"] == ["happy", "sad", "surprise"]

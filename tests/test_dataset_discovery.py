@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs._data import DataError, discover, stratified_split
+from jobs._train_data import DataError, discover, stratified_split
 
 
 def _img(path: Path, data: bytes = b"\xff\xd8fake") -> None:
@@ -27,7 +27,10 @@ def _layout(root: Path, spec: dict[str, dict[str, int]]) -> Path:
 
 
 def test_local_folder_with_test_split_and_aliases(tmp_path):
-    root = _layout(tmp_path / "d", {"train": {"Happiness": 10, "sadness": 6, "3_angry": 4}, "test": {"happy": 2, "sad": 2, "angry": 1}})
+    root = _layout(
+        tmp_path / "d",
+        {"train": {"Happiness": 10, "sadness": 6, "3_angry": 4}, "test": {"happy": 2, "sad": 2, "angry": 1}},
+    )
     (root / "train" / "Happiness" / "notes.txt").write_text("not an image, ignored")
     (root / ".DS_Store").write_bytes(b"x")
     s = discover(str(root), val_fraction=0.25, seed=1)
@@ -114,7 +117,7 @@ def test_missing_folder_and_bad_zip(tmp_path):
 
 
 def test_stratified_split_keeps_rare_classes():
-    from jobs._data import Item
+    from jobs._train_data import Item
 
     items = [Item(f"p{i}", f"train/a/{i}", 0) for i in range(50)] + [Item(f"q{i}", f"train/b/{i}", 1) for i in range(3)]
     items.append(Item("r", "train/c/only", 2))

@@ -17,41 +17,9 @@ from PIL import Image
 from emotion_core import storage
 from emotion_core.schema import label_schema
 from jobs import _label_infer, label
+from tests.helpers import encode, face, face_jpeg, put_tree, save_untrained_model
 
 DATE = "2024-05-01"
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers (also used by test_label_units.py)
-
-
-def save_tiny_model(uri: str, classes: list[str], arch: str = "cnn"):
-    """An untrained (seeded) model checkpoint: labels are arbitrary but deterministic."""
-    import torch
-
-    from emotion_core.checkpoint import ModelManifest, save_model
-    from emotion_core.models import create_model, get_input_spec
-
-    torch.manual_seed(0)
-    manifest = ModelManifest(architecture=arch, classes=list(classes), input_spec=get_input_spec(arch))
-    save_model(uri, create_model(arch, len(classes)), manifest)
-    return uri, manifest
-
-
-def face(label: str, seed: int) -> Image.Image:
-    from emotion_core.synthetic import render_face
-
-    return render_face(label, np.random.default_rng(seed))
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def face_jpeg(label: str, seed: int) -> bytes:
-    return encode(face(label, seed), "JPEG", quality=90)
 
 
 def _bomb_png(width: int = 30000, height: int = 30000) -> bytes:
@@ -105,25 +73,13 @@ def run_label(*argv: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(output, "_runs", f"{run_id}.json")))
 
 
-def put_tree(base: str, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        if base.startswith("s3://"):
-            loc = storage.parse(storage.join(base, rel))
-            storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
-        else:
-            path = os.path.join(base, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(data)
-
-
 # ---------------------------------------------------------------------------------------------
 # End to end
 
 
 def test_s3_images_to_s3_parquet_with_odd_and_broken_images(ray_session, s3_bucket, tmp_path):
     classes = ["angry", "happy", "surprise"]  # a 3-class model, stored in S3 too
-    model, manifest = save_tiny_model(f"s3://{s3_bucket}/models/m1", classes)
+    model, manifest = save_untrained_model(f"s3://{s3_bucket}/models/m1", classes)
     files = {f"faces/{c}/{i}.jpg": face_jpeg(c, i) for c in ("happy", "sad") for i in range(6)}
     files["faces/deep/er/still.jpeg"] = face_jpeg("fear", 99)
     files["faces/readme.txt"] = b"not listed"
@@ -166,14 +122,19 @@ def test_s3_images_to_s3_parquet_with_odd_and_broken_images(ray_session, s3_buck
     assert table["etag"].null_count == 0 and table["last_modified"].null_count == 0
     # the run summary, next to the data
     assert s["rows"] == s["processed"] == len(images) and s["skipped"] == 0
-    assert s["error_rows"] == 4 and s["errors"] == {"decompression_bomb": 1, "empty": 1, "not_an_image": 1, "truncated": 1}
+    assert s["error_rows"] == 4 and s["errors"] == {
+        "decompression_bomb": 1,
+        "empty": 1,
+        "not_an_image": 1,
+        "truncated": 1,
+    }
     assert sum(s["labels"].values()) == len(images) - 4
     assert s["model"]["version"] == manifest.version and s["files"] and s["images_per_s"] > 0
     assert s["files"] == [f"{output}/dt={DATE}/part-e2e-00000.parquet"]
 
 
 def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_path):
-    model, manifest = save_tiny_model(str(tmp_path / "model"), ["happy", "sad"])  # 2 classes
+    model, manifest = save_untrained_model(str(tmp_path / "model"), ["happy", "sad"])  # 2 classes
     src = str(tmp_path / "images")
     put_tree(src, {f"{i:02d}.png": encode(face("happy", i), "PNG") for i in range(8)})
     put_tree(src, {"broken.jpg": face_jpeg("sad", 1)[:100]})
@@ -201,7 +162,9 @@ def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_pa
     rows = {os.path.relpath(r["image_uri"], src): r for r in t.to_pylist()}
     assert len(rows) == t.num_rows == 11  # a complete snapshot, exactly once
     assert {k for k, r in rows.items() if r["run_id"] == "r3"} == {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"}
-    assert all(r["run_id"] == "r2" for k, r in rows.items() if k not in {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"})
+    assert all(
+        r["run_id"] == "r2" for k, r in rows.items() if k not in {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"}
+    )
     assert t.schema == label_schema(["happy", "sad"])
     assert read_partition(out).num_rows == 9  # the older partition is untouched
 
@@ -212,7 +175,9 @@ def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_pa
 
 
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path, monkeypatch):
-    model, _ = save_tiny_model(str(tmp_path / "model"), ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
+    model, _ = save_untrained_model(
+        str(tmp_path / "model"), ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    )
     src = str(tmp_path / "images")
     put_tree(src, {f"{c}/{i}.jpg": face_jpeg(c, i) for c in ("fear", "neutral", "surprise") for i in range(10)})
     marker = tmp_path / "fault"
@@ -229,10 +194,12 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path
 
 def test_object_deleted_between_inventory_and_read(ray_session, s3_bucket, tmp_path):
     """An S3 Inventory style manifest lists an object that is gone by the time it is read."""
-    model, _ = save_tiny_model(str(tmp_path / "model"), ["neutral", "sad"])
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["neutral", "sad"])
     put_tree(f"s3://{s3_bucket}", {f"faces/{i}.jpg": face_jpeg("sad", i) for i in range(4)})
     inventory = tmp_path / "inventory.csv"
-    inventory.write_text("".join(f'"{s3_bucket}","faces/{i}.jpg","1","2024-05-01T00:00:00.000Z","x"\n' for i in range(5)))
+    inventory.write_text(
+        "".join(f'"{s3_bucket}","faces/{i}.jpg","1","2024-05-01T00:00:00.000Z","x"\n' for i in range(5))
+    )
     storage.s3_client().delete_object(Bucket=s3_bucket, Key="faces/2.jpg")
     out = f"s3://{s3_bucket}/labels"
     s = run_label("--manifest", str(inventory), "--model", model, "--output", out, "--date", DATE,
@@ -249,7 +216,7 @@ def test_object_deleted_between_inventory_and_read(ray_session, s3_bucket, tmp_p
 
 
 def test_empty_input_commits_an_empty_partition(ray_session, tmp_path):
-    model, _ = save_tiny_model(str(tmp_path / "model"), ["happy", "sad"])
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["happy", "sad"])
     (tmp_path / "empty").mkdir()
     out = str(tmp_path / "labels")
     s = run_label("--input", str(tmp_path / "empty"), "--model", model, "--output", out, "--date", DATE,

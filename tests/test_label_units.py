@@ -16,7 +16,7 @@ import pytest
 from emotion_core import storage
 from emotion_core.schema import label_schema
 from jobs import _label_commit, _label_io, _label_plan, label
-from tests.test_label import face_jpeg, save_tiny_model
+from tests.helpers import face_jpeg, save_untrained_model
 
 CLASSES = ["happy", "sad"]
 
@@ -157,7 +157,9 @@ def test_plan_incremental_semantics(tmp_path):
     out = str(tmp_path / "out")
     assert _label_plan.plan_incremental(_listing([("a", "1")]), out, "v1").todo.num_rows == 1  # no output yet
     # day 1: a, b, c, d ok; e errored
-    _commit(out, "2024-05-01", _rows(list("abcde"), list("11111"), errors=[None] * 4 + ["truncated: x"], run_id="d1"), "d1")
+    _commit(
+        out, "2024-05-01", _rows(list("abcde"), list("11111"), errors=[None] * 4 + ["truncated: x"], run_id="d1"), "d1"
+    )
     # day 2 (newer): b relabelled by another model version; c relabelled by v1 with a later etag
     _commit(out, "2024-05-02", pa.concat_tables([_rows(["b"], ["1"], version="v2", run_id="d2"),
                                                  _rows(["c"], ["2"], run_id="d2")]), "d2")
@@ -183,7 +185,9 @@ def test_plan_scales_vectorised(tmp_path):
     n = 50_000
     uris = [f"s3://b/{i:07d}.jpg" for i in range(n)]
     _commit(out, "2024-05-01", _rows(uris, ["e"] * n), "big", rows_per_file=30_000)
-    listing = _listing([(u, "e" if i % 10 else "new") for i, u in enumerate(uris + [f"s3://b/x{i}.jpg" for i in range(2000)])])
+    listing = _listing(
+        [(u, "e" if i % 10 else "new") for i, u in enumerate(uris + [f"s3://b/x{i}.jpg" for i in range(2000)])]
+    )
     t0 = time.perf_counter()
     plan = _label_plan.plan_incremental(listing, out, "v1")
     assert time.perf_counter() - t0 < 5
@@ -247,7 +251,7 @@ def test_commit_on_s3(s3_bucket):
 
 @pytest.fixture(scope="module")
 def good_model(tmp_path_factory):
-    return save_tiny_model(str(tmp_path_factory.mktemp("m") / "model"), ["angry", "happy", "sad"])[0]
+    return save_untrained_model(str(tmp_path_factory.mktemp("m") / "model"), ["angry", "happy", "sad"])[0]
 
 
 def _bad_models(tmp_path, good_model):

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from emotion_core.storage import filesystem
-from tests._helpers_cluster import DATES, real_labels, save_untrained_model
+from tests.helpers import DATES, real_labels, save_untrained_model
 
 DOC = Path(__file__).resolve().parents[1] / "cluster" / "QUERIES.md"
 PLACEHOLDER_URI = "s3://my-emotion-bucket/emotion-labels"
@@ -121,7 +121,7 @@ def test_athena_ddl_matches_print_ddl(tmp_path, capsys):
     from emotion_core.labels import CANONICAL
     from jobs import label
 
-    model = save_untrained_model(str(tmp_path / "model7"), classes=CANONICAL)
+    model, _ = save_untrained_model(tmp_path / "model7", classes=CANONICAL)
     assert label.main(["--print-ddl", "--model", model, "--output", PLACEHOLDER_URI]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == snippets()["athena-ddl"].strip()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jobs import report
-from tests._helpers_cluster import DATES, real_labels, write_fake_labels
+from tests.helpers import DATES, real_labels, write_fake_labels
 
 
 @pytest.fixture(scope="module")
@@ -82,4 +82,8 @@ def test_report_cli_exit_codes(tmp_path):
     assert ok.returncode == 0 and "Label distribution" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "jobs.report", "--labels", str(tmp_path / "missing")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: labels dataset") and len(bad.stderr.splitlines()) == 1
+    assert (
+        bad.returncode == 1
+        and bad.stderr.startswith("jobs.report: error: labels dataset")
+        and len(bad.stderr.splitlines()) == 1
+    )

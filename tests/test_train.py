@@ -107,7 +107,9 @@ def test_s3_data_and_checkpoints(ray_session, faces3, s3_bucket):
     client = storage.s3_client()
     for path in faces3.rglob("*.jpg"):
         if path.parent.name != "sad":  # 2 classes keep it quick
-            client.put_object(Bucket=s3_bucket, Key=f"data/{path.relative_to(faces3).as_posix()}", Body=path.read_bytes())
+            client.put_object(
+                Bucket=s3_bucket, Key=f"data/{path.relative_to(faces3).as_posix()}", Body=path.read_bytes()
+            )
     out = f"s3://{s3_bucket}/runs"
     rc = train.main(fast_args(f"s3://{s3_bucket}/data", out, "--name", "s3run", "--epochs", "2",
                               "--publish", f"{out}/latest.json"))
@@ -130,7 +132,7 @@ def _bad(argv, capsys, tmp_path, expect: str):
     rc = train.main([*argv, "--publish", str(pointer)])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err and expect in err, err
+    assert err.startswith("jobs.train: error: ") and "\n" not in err and expect in err, err
     assert not pointer.exists()
 
 
@@ -187,7 +189,9 @@ def test_cli_help_and_exit_code(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, RAY_ADDRESS="")
-    h = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], cwd=root, capture_output=True, text=True, env=env)
+    h = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--help"], cwd=root, capture_output=True, text=True, env=env
+    )
     assert h.returncode == 0
     for opt in ("--data", "--model", "--output", "--name", "--epochs", "--batch-size", "--lr", "--num-workers",
                 "--use-gpu", "--init-weights", "--seed", "--publish", "emonet", "efficientnet_b2", "RAY_ADDRESS"):
@@ -195,4 +199,7 @@ def test_cli_help_and_exit_code(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(tmp_path), "--model", "vgg"],
                          cwd=root, capture_output=True, text=True, env=env)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet"
+    assert (
+        bad.stderr.strip()
+        == "jobs.train: error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet"
+    )

@@ -1,5 +1,5 @@
-"""Pure pieces of training (no Ray): metrics, augmentation, LR schedule, class weights, and the
-pickle-free checkpoint state round trip."""
+"""Pure pieces of training (no Ray cluster): metrics, augmentation, LR schedule, class weights,
+the typed config, and the pickle-free, checksummed resume state (round trip, corruption, fallback)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from emotion_core import metrics as M
-from jobs._train_loop import augment, class_weights, load_state, lr_factor, make_optimizer, save_state
+from jobs import _train_state
+from jobs._train_config import TrainConfig
+from jobs._train_recipe import augment, class_weights, lr_factor, make_optimizer
 
 
 def test_metrics_match_hand_computation():
@@ -55,7 +57,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_precision_policy():
-    from jobs._train_loop import resolve_precision
+    from jobs._train_recipe import resolve_precision
 
     assert resolve_precision("fp32", use_gpu=False) is None
     assert resolve_precision("bf16", use_gpu=False) is torch.bfloat16
@@ -70,10 +72,10 @@ def test_class_weights():
     assert s[1] / s[0] == pytest.approx(3.0)
 
 
-def test_checkpoint_state_round_trip_without_pickle(tmp_path):
+def _trained_objects(seed: int = 0):
     from emotion_core.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model("cnn", 3)
     opt = make_optimizer(model, 1e-3, 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, 5))
@@ -83,16 +85,49 @@ def test_checkpoint_state_round_trip_without_pickle(tmp_path):
         loss.backward()
         opt.step()
         sched.step()
-    state = {"epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}], "best_score": 0.5, "best_epoch": 2, "bad_epochs": 0}
-    save_state(str(tmp_path), model=model, optimizer=opt, scheduler=sched, state=state)
-    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    return model, opt, sched
+
+
+def _progress(epoch: int) -> _train_state.RunProgress:
+    p = _train_state.RunProgress()
+    for e in range(1, epoch + 1):
+        p.record({"epoch": e, "elapsed_s": float(e)}, score=0.1 * e)
+    return p
+
+
+def _config() -> dict:
+    from emotion_core.models import get_input_spec
+
+    return TrainConfig(model="cnn", classes=("a", "b", "c"), input_spec=get_input_spec("cnn"), train_size=10).to_dict()
+
+
+def test_train_config_round_trips_typed():
+    from emotion_core.models import get_input_spec
+
+    cfg = TrainConfig(model="cnn", classes=("a", "b"), input_spec=get_input_spec("cnn"), train_size=1000,
+                      batch_size=128, class_weights=(0.5, 1.5))
+    back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert back.per_worker_batch(2) == 64 and back.steps_per_epoch(2) == 7
+    assert back.run_key == {"model": "cnn", "classes": ["a", "b"], "fingerprint": None}
+
+
+def test_checkpoint_state_round_trip_without_pickle(tmp_path):
+    from emotion_core.models import create_model
+
+    model, opt, sched = _trained_objects()
+    _train_state.save(str(tmp_path), model=model, optimizer=opt, scheduler=sched, progress=_progress(2),
+                      config=_config())
+    assert sorted(os.listdir(tmp_path)) == [
+        "train_optimizer.safetensors", "train_rng.safetensors", "train_state.json", "train_weights.safetensors"
+    ]
     expected_next = torch.rand(3)
 
     model2 = create_model("cnn", 3)
     opt2 = make_optimizer(model2, 1e-3, 0.05)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 50, 5))
-    got = load_state(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2)
-    assert got["epoch"] == 2 and got["history"][-1]["epoch"] == 2
+    got = _train_state.load(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2)
+    assert got.epoch == 2 and got.history[-1]["epoch"] == 2 and got.best_epoch == 2
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     s1, s2 = opt.state_dict(), opt2.state_dict()
@@ -102,3 +137,56 @@ def test_checkpoint_state_round_trip_without_pickle(tmp_path):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][pid][k]))
     assert sched2.last_epoch == sched.last_epoch == 3
     assert torch.equal(torch.rand(3), expected_next)  # RNG restored
+
+
+def test_corrupt_checkpoint_fails_its_checksum_and_restore_falls_back(tmp_path):
+    from ray.train import Checkpoint
+
+    from emotion_core.models import create_model
+
+    model, opt, sched = _trained_objects()
+    older, newer = tmp_path / "checkpoint_2026-01-01_00-00-01", tmp_path / "checkpoint_2026-01-01_00-00-02"
+    for d, epoch in ((older, 1), (newer, 2)):
+        d.mkdir()
+        _train_state.save(str(d), model=model, optimizer=opt, scheduler=sched, progress=_progress(epoch),
+                          config=_config())
+    weights = newer / "train_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(_train_state.StateError, match="sha256"):
+        _train_state.read_state(str(newer))
+
+    logged = []
+    model2 = create_model("cnn", 3)
+    opt2 = make_optimizer(model2, 1e-3, 0.05)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 50, 5))
+    got = _train_state.restore(Checkpoint.from_directory(str(newer)), model=model2, optimizer=opt2,
+                               scheduler=sched2, log=logged.append)
+    assert got.epoch == 1  # the previous kept checkpoint
+    assert any("falling back" in line for line in logged)
+
+
+def test_unreadable_run_state_is_an_error_not_a_new_run(tmp_path):
+    from jobs._cli import UsageError
+
+    assert _train_state.latest_run_state(str(tmp_path / "new-run")) is None
+    ckpt = tmp_path / "run" / "checkpoint_2026-01-01_00-00-01"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.json").write_text("{not json")
+    with pytest.raises(UsageError, match="no readable checkpoint"):
+        _train_state.latest_run_state(str(tmp_path / "run"), log=lambda s: None)
+
+
+def test_epoch_progress_prints_a_bar_with_rate_and_eta_at_most_every_interval():
+    from jobs._train_worker import EpochProgress
+
+    lines = []
+    bar = EpochProgress("epoch 2/5", total=1000, every_s=0.0, out=lines.append)
+    for _ in range(4):
+        bar.update(200)
+    bar.update(200)  # the end of the epoch is the summary line's job
+    assert len(lines) == 4
+    assert lines[1].startswith("[train] epoch 2/5 [########............]  40% 400/1,000 img")
+    assert "img/s" in lines[1] and "ETA" in lines[1]
+    quiet = EpochProgress("epoch 1/1", total=1000, every_s=3600, out=lines.append)
+    quiet.update(500)
+    assert len(lines) == 4

@@ -250,7 +250,9 @@ def discover(uri: str, *, val_fraction: float = 0.1, seed: int = 0) -> DataSplit
         splits["train"], splits["validation"] = stratified_split(splits["train"], val_fraction, seed)
         val_source, frac = "carved", val_fraction
         if not splits["validation"]:
-            raise DataError(f"--data {uri}: too few training images to carve a validation split; add a validation/ folder")
+            raise DataError(
+                f"--data {uri}: too few training images to carve a validation split; add a validation/ folder"
+            )
 
     fp = dataset_fingerprint((it.rel, it.size) for name in splits for it in splits[name])
     return DataSplits(
@@ -376,6 +378,7 @@ class Decoded:
     datasets: dict  # split name -> ray.data.Dataset (good rows only)
     counts: dict[str, int]  # split name -> number of good rows
     skipped: list[dict]  # [{"split", "path", "error"}] for images that could not be decoded
+    train_class_counts: np.ndarray | None = None  # set by jobs.train once decoded
 
 
 def decode_splits(splits: DataSplits, spec, *, rows_per_block: int = 256, seed: int = 0) -> Decoded:

@@ -1,7 +1,7 @@
-"""Shared by tests/test_report.py, tests/test_queries.py and tests/test_cluster_e2e.py: label
-datasets to query, produced by the real labelling job (jobs.label) over synthetic faces plus a few
-broken files, with an untrained model saved in the emotion_core checkpoint format (the report does
-not care what the model predicts, only that the job wrote real output)."""
+"""The one home of test (and benchmark) helpers: synthetic face images and files, an untrained
+model checkpoint, putting files locally or in S3, and label datasets produced by the real labelling
+job (jobs.label) over synthetic faces plus a few broken files (the report does not care what the
+model predicts, only that the job wrote real output). Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
@@ -32,22 +32,55 @@ def write_images(root: Path, per_class: int = 3, seed: int = 0) -> Path:
     return root
 
 
-def save_untrained_model(uri: str, classes=("happy", "sad", "surprise")) -> str:
-    from emotion_core.checkpoint import ModelManifest, new_version_id, save_model, utc_now_iso
-    from emotion_core.models import create_model, get_input_spec
+def save_untrained_model(uri, classes=("happy", "sad", "surprise"), architecture: str = "cnn", **model_kwargs):
+    """A seeded, untrained model checkpoint: labels are arbitrary but deterministic (inference cost
+    does not depend on the weights). Returns ``(model_uri, manifest)``."""
+    import torch
 
-    model = create_model("cnn", len(classes))
-    manifest = ModelManifest(
-        architecture="cnn",
-        classes=list(classes),
-        input_spec=get_input_spec("cnn"),
-        metrics={},
-        training_config={"note": "untrained, for tests"},
-        dataset_fingerprint=None,
-        created_at=utc_now_iso(),
-        version=new_version_id(),
-    )
-    return save_model(uri, model, manifest)
+    from emotion_core.checkpoint import ModelManifest, save_model
+    from emotion_core.models import create_model, resolve_input_spec
+
+    torch.manual_seed(0)
+    spec = resolve_input_spec(architecture, model_kwargs.get("img_size"), model_kwargs.get("in_chans"))
+    manifest = ModelManifest(architecture=architecture, classes=list(classes), input_spec=spec,
+                             training_config={"note": "untrained, for tests and benchmarks"})
+    return save_model(str(uri), create_model(architecture, len(classes), **model_kwargs), manifest), manifest
+
+
+def encode(im, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def face(label: str, seed: int):
+    """A synthetic 48x48 face (PIL image) showing ``label``."""
+    import numpy as np
+
+    from emotion_core.synthetic import render_face
+
+    return render_face(label, np.random.default_rng(seed))
+
+
+def face_jpeg(label: str, seed: int) -> bytes:
+    return encode(face(label, seed), "JPEG", quality=90)
+
+
+def put_tree(base: str, files: dict[str, bytes]) -> None:
+    """Write ``{relative path: bytes}`` under a local folder or an s3:// prefix."""
+    import os
+
+    from emotion_core import storage
+
+    for rel, data in files.items():
+        if base.startswith("s3://"):
+            loc = storage.parse(storage.join(base, rel))
+            storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        else:
+            path = os.path.join(base, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
 
 
 def upload_dir(local: Path, bucket: str, prefix: str) -> str:
@@ -132,7 +165,7 @@ def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
 
     root = tmp_path_factory.mktemp("real_labels")
     images = write_images(root / "images")
-    model = save_untrained_model(str(root / "model"))
+    model, _ = save_untrained_model(root / "model")
     run_label_job(str(images), model, str(root / "labels"))
     bucket = f"labels-{uuid.uuid4().hex[:8]}"
     s3_client().create_bucket(Bucket=bucket)
