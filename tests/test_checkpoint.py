@@ -212,11 +212,12 @@ def test_corrupt_weights(saved):
     assert msg.startswith(path) and "corrupt" in msg and "sha256" in msg
 
 
-def test_truncated_weights_without_checksum(saved):
+def test_truncated_weights_with_matching_checksum(saved):
     d, _, _ = saved
-    _edit_json(d, weights_sha256=None)
     path = f"{d}/model.safetensors"
-    open(path, "wb").write(open(path, "rb").read()[:100])
+    blob = open(path, "rb").read()[:100]
+    open(path, "wb").write(blob)
+    _edit_json(d, weights_sha256=hashlib.sha256(blob).hexdigest())
     msg = _error(d)
     assert msg.startswith(path) and "not a readable safetensors file" in msg
 
@@ -247,19 +248,52 @@ def test_invalid_json(saved):
     assert msg.startswith(f"{d}/model.json") and "not valid JSON" in msg
 
 
+_SPEC = {"size": 48, "channels": 1, "mean": [0.5], "std": [0.5]}
+
+
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({"format_version": 2}, "format_version 2 is not supported"),
-        ({"architecture": "resnet50"}, "unknown architecture 'resnet50'"),
-        ({"classes": []}, "non-empty"),
+        ({"format_version": 2}, "field format_version = 2: not supported"),
+        ({"format_version": "1"}, "field format_version = '1': not supported"),
+        ({"architecture": "resnet50"}, "field architecture = 'resnet50': unknown architecture"),
+        ({"architecture": 3}, "field architecture = 3: unknown architecture"),
+        ({"classes": []}, "field classes = []: must be a non-empty list"),
+        ({"classes": "angry"}, "field classes = 'angry': must be a non-empty list"),
+        ({"classes": ["angry", "", "sad"]}, "'' is not a non-empty string"),
+        ({"classes": ["angry", 7, "sad"]}, "7 is not a non-empty string"),
         ({"classes": ["angry", "Happy", "sad"]}, "'Happy' is not a canonical emotion"),
-        ({"classes": ["angry", "angry", "sad"]}, "duplicates"),
-        ({"input_spec": {"size": 48}}, "invalid input_spec"),
+        ({"classes": ["angry", "angry", "sad"]}, "field classes = ['angry', 'angry', 'sad']: contains duplicates"),
+        ({"input_spec": {"size": 48}}, "field input_spec = {'size': 48}: missing channels, mean, std"),
+        ({"input_spec": [48, 1]}, "field input_spec = [48, 1]: must be a JSON object"),
+        ({"input_spec": {**_SPEC, "size": 4}}, "field input_spec.size = 4: must be an integer in 8..1024"),
+        ({"input_spec": {**_SPEC, "size": 4096}}, "field input_spec.size = 4096"),
+        ({"input_spec": {**_SPEC, "size": "48"}}, "field input_spec.size = '48'"),
+        ({"input_spec": {**_SPEC, "size": 48.5}}, "field input_spec.size = 48.5"),
+        ({"input_spec": {**_SPEC, "channels": 2}}, "field input_spec.channels = 2: must be 1 or 3"),
+        ({"input_spec": {**_SPEC, "mean": [0.5, 0.5]}}, "field input_spec.mean = [0.5, 0.5]: must be a list of 1"),
+        ({"input_spec": {**_SPEC, "mean": ["x"]}}, "field input_spec.mean = ['x']"),
+        ({"input_spec": {**_SPEC, "std": [0.0]}}, "field input_spec.std = [0.0]: must be > 0"),
+        ({"input_spec": {**_SPEC, "std": [-1]}}, "field input_spec.std = [-1]: must be > 0"),
+        ({"input_spec": {**_SPEC, "std": [float("inf")]}}, "field input_spec.std = [inf]: must be a list of 1 finite"),
+        ({"input_spec": {**_SPEC, "mean": [float("nan")]}}, "field input_spec.mean = [nan]"),
         (
             {"input_spec": {"size": 64, "channels": 1, "mean": [0.5], "std": [0.5]}},
-            "does not match architecture",
+            "64x64x1 does not match architecture 'cnn' (48x48x1)",
         ),
+        ({"metrics": [1]}, "field metrics = [1]: must be a JSON object"),
+        ({"training_config": "x"}, "field training_config = 'x': must be a JSON object"),
+        ({"dataset_fingerprint": "abc"}, "field dataset_fingerprint = 'abc': must be null or 64"),
+        ({"created_at": "yesterday"}, "field created_at = 'yesterday': must be an ISO-8601 UTC time"),
+        ({"created_at": "2026-02-30T00:00:00Z"}, "field created_at = '2026-02-30T00:00:00Z': is not a valid date"),
+        ({"version": ""}, "field version = '': must be a non-empty string"),
+        ({"version": 12}, "field version = 12: must be a non-empty string"),
+        ({"version": "../escape"}, "field version = '../escape'"),
+        ({"weights_sha256": None}, "field weights_sha256 = None: must be the sha256"),
+        ({"weights_sha256": "ABC"}, "field weights_sha256 = 'ABC'"),
+        ({"weights_sha256": "G" * 64}, "field weights_sha256 = 'GGGG"),
+        ({"num_parameters": -1}, "field num_parameters = -1: must be a positive integer"),
+        ({"num_parameters": 12}, "field num_parameters = 12 but architecture 'cnn' with 3 classes has 75987"),
     ],
 )
 def test_invalid_manifest(saved, changes, expected):
@@ -267,6 +301,15 @@ def test_invalid_manifest(saved, changes, expected):
     _edit_json(d, **changes)
     msg = _error(d)
     assert msg.startswith(f"{d}/model.json") and expected in msg
+
+
+@pytest.mark.parametrize("field", ["architecture", "classes", "input_spec", "created_at", "version", "weights_sha256"])
+def test_missing_manifest_field(saved, field):
+    d, _, _ = saved
+    data = json.loads(open(f"{d}/model.json").read())
+    del data[field]
+    open(f"{d}/model.json", "w").write(json.dumps(data))
+    assert f"missing field(s) {field}" in _error(d)
 
 
 @pytest.mark.parametrize(
