@@ -585,7 +585,8 @@ def _follow(pointer: Pointer) -> tuple[str, ModelManifest]:
 def write_pointer(pointer_uri: str, model_uri: str, manifest: ModelManifest) -> None:
     """Atomically publish ``model_uri`` (absolute, or relative to the pointer's directory) at
     ``pointer_uri`` (a .json path), recording its version and weights sha256. Refuses a directory
-    without model.json, or whose model.json is not ``manifest``'s version and weights."""
+    without model.json, or whose model.json is not ``manifest``'s version and weights
+    (:class:`CheckpointError`); a failed write is a ``storage.StorageError``."""
     pointer_uri = str(pointer_uri).strip()
     if not pointer_uri.endswith(".json"):
         raise ValueError(f"pointer {pointer_uri!r} must be a .json file, e.g. .../latest.json")
@@ -608,10 +609,7 @@ def write_pointer(pointer_uri: str, model_uri: str, manifest: ModelManifest) -> 
         "classes": list(saved.classes),
         "published_at": utc_now_iso(),
     }
-    try:
-        storage.write_bytes(pointer_uri, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
-    except storage.StorageError as e:
-        raise CheckpointError(f"cannot publish pointer: {e}") from e
+    storage.write_bytes(pointer_uri, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))  # StorageError: outage
 
 
 def _resolve_relative(pointer_uri: str, model_uri: str) -> str:
