@@ -71,7 +71,7 @@ MANIFEST_FILE = "model.json"
 POINTER_FILE = "latest.json"
 STALE_INCOMPLETE = timedelta(hours=1)  # an incomplete version dir this much older than the newest file is debris
 
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # also a directory name and a Parquet value
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a directory name and a Parquet value
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 SIZE_RANGE = (8, 1024)
@@ -203,7 +203,7 @@ def check_manifest_fields(d: dict, saved: bool) -> None:
         raise _bad("created_at", created, "is not a valid date and time") from None
     version = d["version"]
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
-        raise _bad("version", version, "must be a non-empty string of letters, digits and ._+- "
+        raise _bad("version", version, "must be a non-empty string of letters, digits and ._- "
                    "(at most 128, not starting with a symbol)")
     sha = d.get("weights_sha256")
     if (saved or sha is not None) and not (isinstance(sha, str) and _SHA256_RE.fullmatch(sha)):
@@ -308,6 +308,7 @@ def export_model(
         manifest.validate()  # the version is about to become a directory name
     except ValueError as e:
         raise ValueError(f"refusing to export to {root}: invalid manifest: {e}") from None
+    protect = {protect} if isinstance(protect, str) else set(protect)
     uri = storage.join(root, manifest.version)
     if _exists(storage.join(uri, MANIFEST_FILE)):
         raise CheckpointError(
@@ -317,7 +318,7 @@ def export_model(
     if _exists(uri):  # debris of an interrupted export of this very version: nothing can name it
         _delete_version(uri)
     save_model(uri, model, manifest)
-    _prune(root, keep, {manifest.version, *protect})
+    _prune(root, keep, protect | {manifest.version})
     return uri
 
 

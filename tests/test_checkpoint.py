@@ -233,6 +233,11 @@ def test_export_twice_keeps_the_first_version_unchanged(tmp_path, where, request
     with pytest.raises(CheckpointError, match=f"version {man1.version} already exists and versions are immutable"):
         export_model(root, _trained("cnn", seed=3), man1)
     assert _files(d1) == before
+    # pruning: keep 1 (the new one) + the protected published one; the other is deleted entirely
+    d3, _, man3 = _export(root, 3, "2026-01-03T00:00:00Z", keep=1, protect=man1.version)
+    assert [v.version for v in list_model_versions(root)] == [man3.version, man1.version]
+    assert not storage.exists(f"{d2}/model.json") and not storage.exists(f"{d2}/model.safetensors")
+    assert _files(d1) == before
 
 
 def test_export_prunes_old_versions_but_keeps_protected(tmp_path):
