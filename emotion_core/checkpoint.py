@@ -294,7 +294,8 @@ def save_model(uri: str, model: nn.Module, manifest: ModelManifest) -> str:
 def export_model(
     models_root: str, model: nn.Module, manifest: ModelManifest, keep: int = 5, protect: Iterable[str] = ()
 ) -> str:
-    """Write ``model`` as the new version ``models_root/<manifest.version>/`` and return its URI.
+    """Write ``model`` as the new version ``models_root/<manifest.version>/`` and return its URI
+    (absolute: a local path is made absolute).
 
     Refuses (:class:`CheckpointError`) a version that already exists complete: versions are
     immutable. Weights are written before model.json, so nothing can list, publish or load the
@@ -303,7 +304,7 @@ def export_model(
     first) and stale debris of interrupted exports."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    root = str(models_root).strip().rstrip("/")
+    root = storage.parse(models_root).uri  # absolute, so a pointer can name the result as is
     try:
         manifest.validate()  # the version is about to become a directory name
     except ValueError as e:

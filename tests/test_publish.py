@@ -93,8 +93,9 @@ def test_a_corrupt_version_is_not_published(root, capsys):
 def test_relative_local_model_path_is_published_absolute(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     v1, m1 = _export("models", 1, 1)
-    assert main([v1, "--pointer", "serving/latest.json"]) == 0
-    assert json.loads((tmp_path / "serving" / "latest.json").read_text())["model_uri"] == str(tmp_path / v1)
+    assert v1 == str(tmp_path / "models" / m1.version)  # export_model returns an absolute URI
+    assert main([f"models/{m1.version}", "--pointer", "serving/latest.json"]) == 0
+    assert json.loads((tmp_path / "serving" / "latest.json").read_text())["model_uri"] == v1
     assert load_model(str(tmp_path / "serving" / "latest.json"))[1].version == m1.version
 
 
