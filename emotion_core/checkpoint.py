@@ -59,7 +59,6 @@ from emotion_core.labels import CANONICAL
 from emotion_core.models import (
     count_parameters,
     create_model,
-    get_input_spec,
     list_models,
     state_dict_problem,
 )
@@ -120,10 +119,17 @@ class ModelManifest:
     format_version: int = FORMAT_VERSION
     weights_sha256: str | None = None
     num_parameters: int | None = None
+    model_kwargs: dict = field(default_factory=dict)  # architecture options (e.g. emonet widths)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def create_model(self) -> nn.Module:
+        """The untrained architecture this manifest describes: its class count, input size and
+        channels, and model options."""
+        return create_model(self.architecture, self.num_classes, img_size=self.input_spec.size,
+                            in_chans=self.input_spec.channels, **self.model_kwargs)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -187,8 +193,8 @@ def check_manifest_fields(d: dict, saved: bool) -> None:
             raise _bad("classes", classes, f"{c!r} is not a canonical emotion name ({', '.join(CANONICAL)})")
     if len(set(classes)) != len(classes):
         raise _bad("classes", classes, "contains duplicates")
-    _check_input_spec(d["input_spec"], arch)
-    for name in ("metrics", "training_config"):
+    _check_input_spec(d["input_spec"])
+    for name in ("metrics", "training_config", "model_kwargs"):
         if not isinstance(d.get(name, {}), dict):
             raise _bad(name, d[name], "must be a JSON object")
     fp = d.get("dataset_fingerprint")
@@ -213,7 +219,7 @@ def check_manifest_fields(d: dict, saved: bool) -> None:
         raise _bad("num_parameters", n, "must be a positive integer")
 
 
-def _check_input_spec(spec, arch: str) -> None:
+def _check_input_spec(spec) -> None:
     if not isinstance(spec, dict):
         raise _bad("input_spec", spec, "must be a JSON object with size, channels, mean, std")
     missing = [k for k in ("size", "channels", "mean", "std") if k not in spec]
@@ -230,10 +236,6 @@ def _check_input_spec(spec, arch: str) -> None:
             raise _bad(f"input_spec.{name}", values, f"must be a list of {channels} finite number(s)")
     if not all(v > 0 for v in spec["std"]):
         raise _bad("input_spec.std", spec["std"], "must be > 0")
-    expected = get_input_spec(arch)
-    if (size, channels) != (expected.size, expected.channels):
-        raise _bad("input_spec", spec, f"{size}x{size}x{channels} does not match architecture {arch!r} "
-                   f"({expected.size}x{expected.size}x{expected.channels})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def save_model(uri: str, model: nn.Module, manifest: ModelManifest) -> str:
     except ValueError as e:
         raise ValueError(f"refusing to save {uri}: invalid manifest: {e}") from None
     sd = model_state_dict(model)
-    reference = create_model(manifest.architecture, manifest.num_classes)
+    reference = manifest.create_model()
     problem = state_dict_problem(reference, sd)
     if problem:
         raise ValueError(
@@ -448,7 +450,7 @@ def load_model(
         sd = load(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{weights_uri}: corrupt, not a readable safetensors file ({e})") from e
-    model = create_model(manifest.architecture, manifest.num_classes)
+    model = manifest.create_model()
     problem = state_dict_problem(model, sd)
     if problem:
         raise CheckpointError(

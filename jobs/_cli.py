@@ -1,7 +1,7 @@
 """The command-line contract every job keeps, in one place.
 
-- ``main(argv) -> int`` parses the arguments and calls ``run(args)``; :func:`run_main` turns what
-  ``run`` raises into the exit code: :class:`UsageError` (a bad argument or input, nothing
+- ``main(argv) -> int`` parses the arguments (:class:`ArgumentParser`) and calls ``run(args)``;
+  :func:`run_main` turns what ``run`` raises into the exit code: :class:`UsageError` (a bad argument or input, nothing
   started) is one line ``<prog>: error: <what to fix>`` on stderr and exit 2; :class:`JobError`
   (and the library's storage/checkpoint errors) once work started is one line and exit 1.
 - :func:`init_ray` attaches to ``RAY_ADDRESS`` (or the cluster of ``ray job submit``), reuses an
@@ -14,10 +14,18 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with the contract's one-line usage error (argparse's own prints the usage too)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class UsageError(ValueError):

@@ -47,6 +47,13 @@ class TrainConfig:
         """What must match for a run to resume another: model, classes, data."""
         return {"model": self.model, "classes": list(self.classes), "fingerprint": self.dataset_fingerprint}
 
+    def create_model(self, init_weights: str | None = None):
+        """The architecture at this run's input size and channels."""
+        from emotion_core.models import create_model
+
+        return create_model(self.model, len(self.classes), init_weights=init_weights,
+                            img_size=self.input_spec.size, in_chans=self.input_spec.channels)
+
     def per_worker_batch(self, world: int) -> int:
         rows = self.train_size // world
         return max(1, min(self.batch_size // world, max(1, rows)))

@@ -48,7 +48,6 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     from emotion_core import metrics as M
-    from emotion_core.models import create_model
 
     cfg = TrainConfig.from_dict(config)
     quiet_ray_data()
@@ -59,7 +58,7 @@ def train_func(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
 
-    model = create_model(cfg.model, len(cfg.classes), init_weights=cfg.init_weights)
+    model = cfg.create_model(init_weights=cfg.init_weights)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, world)
@@ -198,14 +197,13 @@ def evaluate(model, batches, cfg: TrainConfig, device, amp_dtype=None, *, rank: 
 
 def evaluate_checkpoint(checkpoint, dataset, config: dict, batch_size: int = 512) -> list[list[int]]:
     """Confusion matrix of a resume checkpoint on a decoded dataset (runs as a Ray task), fp32."""
-    from emotion_core.models import create_model
 
     cfg = TrainConfig.from_dict(config)
     use_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     if not use_gpu:
         torch.set_num_threads(max(1, node_cpus()))
-    model = create_model(cfg.model, len(cfg.classes))
+    model = cfg.create_model()
     with checkpoint.as_directory() as d:
         _train_state.load(d, model=model)
     model.to(device, memory_format=torch.channels_last)

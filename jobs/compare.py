@@ -23,7 +23,7 @@ from ._cli import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m jobs.compare",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 2)[2]

@@ -40,7 +40,7 @@ from ._cli import UsageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0])
+    p = _cli.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", default=[], metavar="URI",
                    help="local directory or s3://bucket/prefix of images, listed recursively (repeatable)")
     p.add_argument("--model", help="model directory or pointer .json (latest.json), local or s3://")

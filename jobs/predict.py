@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 
-from ._cli import JobError, UsageError, run_main
+from ._cli import ArgumentParser, JobError, UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m jobs.predict",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 2)[2],

@@ -27,14 +27,11 @@ from emotion_core.checkpoint import (
     write_pointer,
 )
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
-        self.exit(2, f"error: {message} (see python -m jobs.publish --help)\n")
+from ._cli import ArgumentParser, UsageError, run_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m jobs.publish",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def publish(model: str, pointer: str) -> str:
     """Load ``model`` fully, then point ``pointer`` at it; returns the line to print."""
     before = read_pointer(pointer)
-    model_uri = storage.parse(resolve_model_uri(model)).uri  # absolute: a relative path would be read as the pointer's
+    model_uri = storage.parse(resolve_model_uri(model)).uri  # absolute: relative ones resolve against the pointer
     _, manifest = load_model(model_uri)
     write_pointer(pointer, model_uri, manifest)
     was = f" (was {before.version})" if before else ""
@@ -74,9 +71,12 @@ def list_versions(models_root: str, pointer: str | None) -> list[str]:
             lines.append(f"! {v.version}  INVALID: {v.problem}")
             continue
         m = v.manifest
-        live = published is not None and published.version == m.version and published.sha256 in (None, m.weights_sha256)
-        scores = " ".join(f"{k} {m.metrics[k]:.4f}" for k in ("accuracy", "macro_f1") if isinstance(m.metrics.get(k), float))
-        lines.append(f"{'*' if live else ' '} {v.version}  {m.created_at}  {m.architecture}  {scores}  {v.uri}".rstrip())
+        live = published is not None and published.version == m.version \
+            and published.sha256 in (None, m.weights_sha256)
+        scores = " ".join(f"{k} {m.metrics[k]:.4f}" for k in ("accuracy", "macro_f1")
+                          if isinstance(m.metrics.get(k), float))
+        mark = "*" if live else " "
+        lines.append(f"{mark} {v.version}  {m.created_at}  {m.architecture}  {scores}  {v.uri}".rstrip())
     if pointer and published is None:
         lines.append(f"(no pointer at {pointer} yet)")
     elif published and not any(line.startswith("*") for line in lines):
@@ -84,17 +84,16 @@ def list_versions(models_root: str, pointer: str | None) -> list[str]:
     return lines or [f"(no complete model versions under {models_root})"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     try:
         print("\n".join(list_versions(args.list, args.pointer)) if args.list else publish(args.model, args.pointer))
     except CheckpointError as e:  # the model or pointer named is missing or invalid: bad input
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except storage.StorageError as e:  # the pointer could not be written
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        raise UsageError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main("jobs.publish", lambda: run(args))
 
 
 if __name__ == "__main__":

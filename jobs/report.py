@@ -32,7 +32,7 @@ from emotion_core.labels import CANONICAL
 from emotion_core.schema import PARTITION_COLUMN
 from emotion_core.storage import StorageError, filesystem
 
-from ._cli import JobError, format_table, run_main
+from ._cli import ArgumentParser, JobError, format_table, run_main
 
 COLUMNS = ["label", "confidence", "error", "model_name", "model_version", "labelled_at"]
 BY_CHOICES = ("label", "model_version", "dt")
@@ -174,7 +174,7 @@ def plot_per_day(rows: list[tuple], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m jobs.report",
         description="Label distribution, error rate and reasons, and per-model counts of a labels dataset.",
     )

@@ -29,14 +29,8 @@ from ray.train.torch import TorchTrainer
 
 from emotion_core import metrics as M
 from emotion_core import storage
-from emotion_core.checkpoint import ModelManifest, save_model, write_pointer
-from emotion_core.models import (
-    count_parameters,
-    create_model,
-    get_input_spec,
-    list_models,
-    model_descriptions,
-)
+from emotion_core.checkpoint import CheckpointError, ModelManifest, export_model, read_pointer, write_pointer
+from emotion_core.models import count_parameters, create_model, list_models, model_descriptions, resolve_input_spec
 
 from . import _cli, _train_data, _train_report, _train_state
 from ._cli import JobError, UsageError
@@ -49,7 +43,7 @@ JOB = "train"
 
 def build_parser() -> argparse.ArgumentParser:
     models = model_descriptions()
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m jobs.train",
         description=__doc__.split("\n\n", 1)[0],
         epilog="\n".join(["models:"] + [f"  {k:16} {v}" for k, v in models.items()])
@@ -93,10 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="checkpoints to keep: the best K by --monitor, plus the latest (default %(default)s)")
     a("--max-failures", type=int, default=2,
       help="worker-group restarts from the last checkpoint after a failure (default %(default)s)")
+    a("--image-size", type=int, default=None,
+      help="train and label at this square input size (default: the model's, e.g. 48); the seeds' photo "
+           "datasets use 256")
+    a("--channels", type=int, choices=[1, 3], default=None,
+      help="1 = grayscale, 3 = RGB input (default: the model's)")
     a("--no-augment", action="store_true", help="disable training augmentation")
     a("--publish", default=None,
       help="after a successful run, atomically write a pointer JSON (e.g. s3://b/models/latest.json) "
-           "naming the exported model")
+           "naming the exported model version")
+    a("--keep-models", type=int, default=5,
+      help="exported model versions to keep in OUTPUT/NAME/models/; the version --publish names is always "
+           "kept (default %(default)s)")
     return p
 
 
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     print(M.format_table(summary), flush=True)
     report_skipped(decoded.skipped)
 
-    model_uri, manifest, n_params = export(best, cfg, splits, summary, progress, run_uri, eval_split)
+    model_uri, manifest, n_params = export(best, cfg, splits, summary, progress, run_uri, eval_split, args)
     report = write_artifacts(run_uri, args, cfg, splits, decoded, summary, cm, progress, model_uri, manifest, n_params)
     _cli.say(JOB, f"accuracy {summary['accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f}; "
                   f"model exported to {model_uri}")
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
 def validate_args(args) -> None:
     if args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}: use --model with one of {', '.join(list_models())}")
-    for flag in ("epochs", "batch_size", "num_workers", "keep"):
+    for flag in ("epochs", "batch_size", "num_workers", "keep", "keep_models"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if not args.lr > 0:
@@ -163,6 +165,14 @@ def validate_args(args) -> None:
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
     if args.publish and not args.publish.endswith(".json"):
         raise UsageError(f"--publish {args.publish!r} must be a .json pointer path, e.g. .../latest.json")
+    try:
+        args.input_spec = resolve_input_spec(args.model, args.image_size, args.channels)
+        if args.publish:
+            read_pointer(args.publish)  # an unreadable pointer is refused before hours of training
+    except ValueError as e:
+        raise UsageError(f"--image-size/--channels: {e}") from e
+    except CheckpointError as e:
+        raise UsageError(f"--publish: {e}") from e
     try:  # absolute local paths: the published pointer and the manifest must not depend on the cwd
         args.output = storage.parse(args.output).uri
         storage.check_writable(args.output)
@@ -179,7 +189,8 @@ def find_data(args) -> _train_data.DataSplits:
         raise UsageError(str(e)) from e
     if args.init_weights:
         try:
-            create_model(args.model, len(splits.classes), init_weights=args.init_weights)
+            create_model(args.model, len(splits.classes), init_weights=args.init_weights,
+                         img_size=args.input_spec.size, in_chans=args.input_spec.channels)
         except ValueError as e:
             raise UsageError(f"--init-weights: {e}") from e
     _cli.say(JOB, f"data {args.data}: {len(splits.classes)} classes ({', '.join(splits.classes)}); "
@@ -205,7 +216,7 @@ def check_resources(num_workers: int, use_gpu: bool) -> None:
 
 def decode_data(args, splits) -> _train_data.Decoded:
     t0 = time.perf_counter()
-    decoded = _train_data.decode_splits(splits, get_input_spec(args.model), seed=args.seed)
+    decoded = _train_data.decode_splits(splits, args.input_spec, seed=args.seed)
     counts = _train_data.class_counts(decoded.datasets["train"], len(splits.classes)) \
         if "train" in decoded.datasets else np.zeros(len(splits.classes), np.int64)
     if (counts == 0).any():
@@ -222,7 +233,7 @@ def decode_data(args, splits) -> _train_data.Decoded:
 def make_config(args, splits, decoded) -> TrainConfig:
     weights = class_weights(decoded.train_class_counts, args.class_weighting)
     return TrainConfig(
-        model=args.model, classes=tuple(splits.classes), input_spec=get_input_spec(args.model),
+        model=args.model, classes=tuple(splits.classes), input_spec=args.input_spec,
         train_size=decoded.counts["train"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         class_weighting=args.class_weighting, class_weights=tuple(weights) if weights else None,
@@ -285,8 +296,10 @@ def report_skipped(skipped: list[dict]) -> None:
                   + "; e.g. " + ", ".join(s["path"] for s in skipped[:3]))
 
 
-def export(best, cfg: TrainConfig, splits, summary, progress, run_uri: str, eval_split: str):
-    model = create_model(cfg.model, len(cfg.classes))
+def export(best, cfg: TrainConfig, splits, summary, progress, run_uri: str, eval_split: str, args):
+    """The best checkpoint's weights as a new, immutable model version in OUTPUT/NAME/models/;
+    the last --keep-models versions and the one --publish names now are kept."""
+    model = cfg.create_model()
     with best.as_directory() as d:
         _train_state.load(d, model=model)
     metrics = {
@@ -307,7 +320,9 @@ def export(best, cfg: TrainConfig, splits, summary, progress, run_uri: str, eval
         training_config=training_config,
         dataset_fingerprint=splits.fingerprint,
     )
-    model_uri = save_model(storage.join(run_uri, "model"), model, manifest)
+    published = read_pointer(args.publish) if args.publish else None
+    model_uri = export_model(storage.join(run_uri, "models"), model, manifest, keep=args.keep_models,
+                             protect=[published.version] if published and published.version else [])
     return model_uri, manifest, count_parameters(model)
 
 

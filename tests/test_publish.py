@@ -83,7 +83,7 @@ def test_a_corrupt_version_is_not_published(root, capsys):
 
     code, out, err = _run(capsys, v2, "--pointer", pointer)
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith(f"error: {v2}/model.safetensors: corrupt")
+    assert err.startswith(f"jobs.publish: error: {v2}/model.safetensors: corrupt")
     assert load_model(pointer)[1].version == m1.version  # the pointer is unchanged
 
     code, _, err = _run(capsys, storage.join(root, "20990101T000000Z-00000000"), "--pointer", pointer)
@@ -117,7 +117,10 @@ def test_usage_errors(argv, expected, capsys):
 
 
 def test_list_empty_root_and_invalid_pointer(tmp_path, capsys):
-    assert _run(capsys, "--list", str(tmp_path / "none"))[1].strip() == f"(no complete model versions under {tmp_path / 'none'})"
+    assert (
+        _run(capsys, "--list", str(tmp_path / "none"))[1].strip()
+        == f"(no complete model versions under {tmp_path / 'none'})"
+    )
     (tmp_path / "bad.json").write_text(json.dumps({"model_uri": "x", "sha256": "nope"}))
     code, _, err = _run(capsys, "--list", str(tmp_path), "--pointer", str(tmp_path / "bad.json"))
     assert code == 2 and "field sha256 = 'nope'" in err and err.count("\n") == 1

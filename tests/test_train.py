@@ -62,7 +62,7 @@ def test_two_workers_beat_chance_and_write_artifacts(trained):
     model, manifest = load_model(str(pointer))
     assert manifest.classes == list(CLASSES) and manifest.architecture == "cnn"
     assert manifest.metrics["accuracy"] == pytest.approx(m["test"]["accuracy"])
-    assert json.loads(pointer.read_text())["model_uri"] == str(run / "model")
+    assert json.loads(pointer.read_text())["model_uri"] == str(run / "models" / manifest.version)
 
 
 def test_predict_cli(trained, faces3, tmp_path, capsys):
@@ -78,11 +78,29 @@ def test_predict_cli(trained, faces3, tmp_path, capsys):
     for line, img in zip(lines, images):
         assert line.startswith(img) and line.split()[1] in CLASSES
         assert all(f"{c} 0." in line or f"{c} 1." in line for c in CLASSES)
-    assert predict.main(["--model", str(run / "model"), "--json", images[0], str(broken)]) == 1
+    version = json.loads(pointer.read_text())["version"]
+    assert predict.main(["--model", str(run / "models" / version), "--json", images[0], str(broken)]) == 1
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert rows[1]["error"].startswith("truncated") or rows[1]["error"].startswith("not_an_image")
     assert predict.main(["--model", str(tmp_path / "nothing"), images[0]]) == 2
+
+
+def test_rerun_exports_a_new_version_and_never_touches_the_served_one(ray_session, faces3, tmp_path):
+    """The README's resume command, run again without --publish, must not swap the live model."""
+    from emotion_core.checkpoint import list_model_versions, load_model
+
+    pointer = tmp_path / "latest.json"
+    args = fast_args(faces3, tmp_path, "--name", "v", "--num-workers", "1")
+    assert train.main([*args, "--epochs", "1", "--publish", str(pointer)]) == 0
+    served = json.loads(pointer.read_text())
+    weights = (tmp_path / "v" / "models" / served["version"] / "model.safetensors").read_bytes()
+    assert train.main([*args, "--epochs", "2"]) == 0  # resumes, exports again, publishes nothing
+    assert json.loads(pointer.read_text()) == served
+    assert (tmp_path / "v" / "models" / served["version"] / "model.safetensors").read_bytes() == weights
+    versions = [v.version for v in list_model_versions(str(tmp_path / "v" / "models"))]
+    assert len(versions) == 2 and served["version"] in versions
+    assert load_model(str(pointer))[1].version == served["version"]
 
 
 def test_resume_continues_from_saved_epoch(ray_session, faces3, tmp_path, capsys):
@@ -117,9 +135,9 @@ def test_s3_data_and_checkpoints(ray_session, faces3, s3_bucket):
     m = json.loads(storage.read_bytes(f"{out}/s3run/metrics.json"))
     assert m["data"]["source"] == "s3" and m["test"]["classes"] == ["happy", "surprise"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")["Contents"]]
-    assert any("/checkpoint_" in k and k.endswith("state.json") for k in keys)
-    assert {"runs/s3run/confusion_matrix.png", "runs/s3run/model/model.json"} <= set(keys)
+    assert any("/checkpoint_" in k and k.endswith("train_state.json") for k in keys)
     _, manifest = load_model(f"{out}/latest.json")
+    assert {"runs/s3run/confusion_matrix.png", f"runs/s3run/models/{manifest.version}/model.json"} <= set(keys)
     assert manifest.classes == ["happy", "surprise"]
 
 
