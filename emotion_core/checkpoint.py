@@ -254,6 +254,16 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _architecture_for(manifest: ModelManifest, sd: dict, error) -> nn.Module:
+    """The manifest's untrained architecture, after checking ``sd`` fits it exactly (else raise
+    ``error(problem)``): a save never writes, and a load never accepts, weights that do not fit."""
+    model = manifest.create_model()
+    problem = state_dict_problem(model, sd)
+    if problem:
+        raise error(problem)
+    return model
+
+
 def save_model(uri: str, model: nn.Module, manifest: ModelManifest) -> str:
     """Write ``model.safetensors`` then ``model.json`` under ``uri`` and return ``uri``; an existing
     model.json there is deleted first. Production exports use :func:`export_model` instead.
@@ -269,13 +279,9 @@ def save_model(uri: str, model: nn.Module, manifest: ModelManifest) -> str:
     except ValueError as e:
         raise ValueError(f"refusing to save {uri}: invalid manifest: {e}") from None
     sd = model_state_dict(model)
-    reference = manifest.create_model()
-    problem = state_dict_problem(reference, sd)
-    if problem:
-        raise ValueError(
-            f"refusing to save {uri}: the weights do not fit architecture {manifest.architecture!r} "
-            f"with {manifest.num_classes} classes: {problem}"
-        )
+    reference = _architecture_for(manifest, sd, lambda problem: ValueError(
+        f"refusing to save {uri}: the weights do not fit architecture {manifest.architecture!r} "
+        f"with {manifest.num_classes} classes: {problem}"))
     blob = save(sd, metadata={"format": "pt", "architecture": manifest.architecture})
     manifest.weights_sha256 = hashlib.sha256(blob).hexdigest()
     manifest.num_parameters = count_parameters(reference)
@@ -450,13 +456,9 @@ def load_model(
         sd = load(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{weights_uri}: corrupt, not a readable safetensors file ({e})") from e
-    model = manifest.create_model()
-    problem = state_dict_problem(model, sd)
-    if problem:
-        raise CheckpointError(
-            f"{weights_uri}: does not match {json_uri} (architecture "
-            f"{manifest.architecture!r}, {manifest.num_classes} classes): {problem}"
-        )
+    model = _architecture_for(manifest, sd, lambda problem: CheckpointError(
+        f"{weights_uri}: does not match {json_uri} (architecture "
+        f"{manifest.architecture!r}, {manifest.num_classes} classes): {problem}"))
     if count_parameters(model) != manifest.num_parameters:
         raise CheckpointError(
             f"{json_uri}: field num_parameters = {manifest.num_parameters} but architecture "

@@ -71,11 +71,14 @@ def ray_session(s3_server):
     """One real local Ray for the whole test session (started after the S3 env is exported).
 
     4 logical CPUs on a 2-core machine so a 2-worker Ray Train run and its Ray Data ingest fit.
+    The dashboard (on 127.0.0.1) serves the State API: Ray Train polls it, and tests use it to
+    find an actor's pid to kill.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=False)
     yield ray
     ray.shutdown()
 
