@@ -13,8 +13,8 @@ Shard names depend only on the listing and ``--shard-size``, so a retried task o
 shard and a re-run rewrites the same files: it never adds shards. The output prefix belongs to the
 job (keep other data out of it). Bytes are copied verbatim (broken images stay broken and become
 error rows when labelled). Member names are the object's path relative to the input prefix, so
-``tar://faces/2024.01/a.jpg::s3://bucket/faces-packed/shard-000000.tar`` names
-``s3://bucket/faces/faces/2024.01/a.jpg``'s bytes; dots in directory names are part of the
+``tar://2024.01/a.jpg::s3://bucket/faces-packed/shard-000000.tar`` holds the bytes of
+``s3://bucket/faces/2024.01/a.jpg`` (input ``s3://bucket/faces/``); dots in directory names are part of the
 WebDataset key (the path up to the first dot of the *basename*), and within a shard members are
 ordered by key so the files of one sample are adjacent, as WebDataset readers expect. An object
 deleted between listing and reading is skipped and counted; any other read failure fails the task
