@@ -113,13 +113,20 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def s3_client(max_pool_connections: int = 64):
-    """A boto3 S3 client using the standard credential chain and the endpoint from the environment."""
+    """A boto3 S3 client using the standard credential chain and the endpoint from the environment.
+
+    Retries: botocore's ``standard`` mode, not ``adaptive``. Standard retries throttling errors
+    (503 SlowDown) with full-jitter exponential backoff (rand * min(2**i, 20) s) and a retry quota;
+    adaptive adds a client-side rate limiter that, shared by the 48 fetch threads of a labelling
+    actor, collapses throughput at a few percent SlowDown (bench.label_bench --only throttled:
+    adaptive kept a small fraction of the unthrottled images/s, standard most of it). Ten attempts
+    ride out about a minute of sustained SlowDown per object before a read is reported failed."""
     import boto3
     from botocore.config import Config
 
     cfg = Config(
         max_pool_connections=max_pool_connections,
-        retries={"max_attempts": 5, "mode": "adaptive"},
+        retries={"total_max_attempts": 10, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
     )
