@@ -27,9 +27,10 @@ sessions, other users):
   local clusters since 2.5x): the token is Ray's usual one (`$RAY_AUTH_TOKEN`,
   `$RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, created if missing). Clients need
   `RAY_AUTH_MODE=token` too: `eval "$(python -m cluster.local env)"` exports it with RAY_ADDRESS.
-  An existing token file is used only if it is a regular file owned by this user and readable by
-  nobody else (mode 0600 or stricter): a token others can read is leaked, one others can write is
-  theirs. Anything else is a one-line error naming the file and the fix.
+  An existing token file is used only if it is a regular file (not a symlink) owned by this user
+  that nobody else can write (one others can write may be theirs): otherwise a one-line error
+  naming the file and the fix. A token file others can *read* is made private (0600) with a
+  warning: Ray 2.60 itself writes ~/.ray/auth_token with the process umask, usually 0644.
 - `--no-auth` turns token auth off. Ray 2.60 has no option to bind the GCS and raylet gRPC servers
   to loopback only, so after `up` the cluster's listening sockets are read from /proc and every
   one on a non-loopback address is named in a warning: without auth, anyone who can reach those
@@ -101,7 +102,8 @@ def free_port() -> int:
 
 def _read_private_token(path: Path) -> str:
     """The token in ``path``, after checking (on the open file, so nothing can swap it in between)
-    that it is a regular file owned by this user with no group/other permissions."""
+    that it is a regular file owned by this user that nobody else can write; a file others can
+    read is chmod-ed to 0600, with a warning."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
@@ -113,9 +115,15 @@ def _read_private_token(path: Path) -> str:
         if st.st_uid != os.getuid():
             raise ClusterError(f"the Ray auth token {path} is owned by uid {st.st_uid}, not by you "
                                f"(uid {os.getuid()}): remove it or point RAY_AUTH_TOKEN_PATH at your own")
-        if st.st_mode & 0o077:
-            raise ClusterError(f"the Ray auth token {path} has mode {stat.S_IMODE(st.st_mode):04o}: others can read "
-                               f"or change it; run `chmod 600 {path}` (or remove it to get a new one)")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            raise ClusterError(f"the Ray auth token {path} has mode {mode:04o}: others can change it; remove it "
+                               "(a new one is generated) or check its contents and `chmod 600` it")
+        if mode & 0o044:
+            os.fchmod(f.fileno(), 0o600)
+            print(f"warning: the Ray auth token {path} was readable by other users (mode {mode:04o}); it is now "
+                  "0600. If others may have read it, delete it and restart your Ray clusters to get a new one.",
+                  file=sys.stderr)
         token = f.read().strip()
     if not token:
         raise ClusterError(f"the Ray auth token {path} is empty")

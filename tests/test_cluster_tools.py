@@ -76,20 +76,21 @@ def test_auth_token_is_created_once_and_private(tmp_path, monkeypatch):
     assert submit.auth_headers() == {}
 
 
-def test_auth_token_file_must_be_private_and_ours(tmp_path, monkeypatch):
+def test_auth_token_file_must_be_private_and_ours(tmp_path, monkeypatch, capsys):
     import os
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     path = tmp_path / "auth_token"
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
     path.write_text("a" * 64)
-    path.chmod(0o644)  # readable by others: a leaked token
-    with pytest.raises(local.ClusterError, match="chmod 600"):
+    path.chmod(0o664)  # writable by others: possibly their token, never used
+    with pytest.raises(local.ClusterError, match="others can change it"):
         local.auth_token()
-    with pytest.raises(local.ClusterError, match="chmod 600"):
-        local.auth_token(create=True)  # never silently trusted, not even when asked to create
-    path.chmod(0o600)
+    with pytest.raises(local.ClusterError, match="others can change it"):
+        local.auth_token(create=True)  # not even when asked to create one
+    path.chmod(0o644)  # readable by others (how Ray itself writes it): made private, with a warning
     assert local.auth_token() == "a" * 64
+    assert path.stat().st_mode & 0o777 == 0o600 and "readable by other users" in capsys.readouterr().err
     link = tmp_path / "link"
     link.symlink_to(path)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(link))
