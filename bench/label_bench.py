@@ -1,13 +1,18 @@
 """Benchmark of the labelling job (`jobs.label`) against a naive single-process loop.
 
     python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick]
-                                [--only local,s3,large,plan]
+                                [--only local,s3,large,plan,throttled] [--slowdown 0.05] [--repeats 2]
 
 Scenarios, each on the same inputs for both sides:
   local  real FER faces (48x48 JPEGs, ~1.5 KB) read in place from local disk. Goal >= 1.0x naive.
   s3     the same faces in a local S3 server (moto, own process) behind a proxy that adds 20 ms
          per request, as real S3 does. Also measures the store's own ceiling: 64 threads of
          boto3 get_object through the proxy. Goal: pipeline >= 80 % of that ceiling.
+  throttled  FER faces in the same S3 setup (+20 ms per request), with the proxy answering a share
+         (--slowdown, 5 %) of object GETs with 503 SlowDown, as S3 does when a prefix is over its
+         request rate. Unthrottled and throttled runs alternate on the same objects and the same
+         Ray (--repeats pairs). Nothing may be lost: every run must write one row per object and no
+         read_failed / not_found rows. Goal: throttled >= 50 % of unthrottled images/s.
   large  >= 1 megapixel colour JPEGs (generated) on local disk. The naive loop decodes full size
          and resizes (Image.open().convert("L").resize()); the job uses the shared preprocessing
          (JPEG draft-mode reduced decode). Goal >= 3x naive.
@@ -50,11 +55,11 @@ RUN_DATE = "2024-06-01"
 BUCKET = "bench-faces"
 
 FULL = {"local": 20000, "s3": 5000, "s3_naive": 1000, "ceiling_gets": 3000, "large": 1000,
-        "plan_rows": 1_000_000, "plan_new": 50_000}
+        "plan_rows": 1_000_000, "plan_new": 50_000, "throttled": 3000}
 QUICK = {"local": 600, "s3": 300, "s3_naive": 100, "ceiling_gets": 300, "large": 30,
-         "plan_rows": 20_000, "plan_new": 1_000}
+         "plan_rows": 20_000, "plan_new": 1_000, "throttled": 200}
 GOALS = {"local": "ratio >= 1.0", "s3": "pipeline >= 0.8 x ceiling", "large": "ratio >= 3.0",
-         "plan": "< 60 s, a few GB"}
+         "plan": "< 60 s, a few GB", "throttled": "throttled >= 0.5 x unthrottled, nothing lost"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,8 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large-n", type=int, help=f"large photos for 'large' (default {FULL['large']})")
     p.add_argument("--plan-rows", type=int, help=f"already-labelled rows for 'plan' (default {FULL['plan_rows']})")
     p.add_argument("--delay-ms", type=float, default=20.0, help="latency the proxy adds per S3 request")
+    p.add_argument("--throttled-n", type=int, help=f"faces for 'throttled' (default {FULL['throttled']})")
+    p.add_argument("--slowdown", type=float, default=0.05,
+                   help="'throttled': share of object GETs answered 503 SlowDown (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="'throttled': unthrottled/throttled pairs to run (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a 1-2 minute smoke run")
-    p.add_argument("--only", default="local,s3,large,plan", help="comma-separated subset of local,s3,large,plan")
+    p.add_argument("--only", default="local,s3,large,plan,throttled",
+                   help="comma-separated subset of local,s3,large,plan,throttled")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "emotion-label-bench",
                    help="scratch space outside the repo; generated inputs are cached here")
     p.add_argument("--job-args", default="", help="extra arguments for jobs.label, e.g. '--batch-size 512'")
@@ -77,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     for key, value in (("local", args.n), ("s3", args.s3_n), ("s3_naive", args.s3_naive_n),
-                       ("large", args.large_n), ("plan_rows", args.plan_rows)):
+                       ("large", args.large_n), ("plan_rows", args.plan_rows), ("throttled", args.throttled_n)):
         if value is not None:
             sizes[key] = value
     sizes["s3_naive"] = min(sizes["s3_naive"], sizes["s3"])
@@ -88,7 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.scenarios) - set(GOALS)
     if unknown:
-        p.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}; choose from local,s3,large,plan")
+        p.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}; choose from {','.join(GOALS)}")
+    if not 0.0 <= args.slowdown <= 1.0 or args.repeats < 1:
+        p.error("--slowdown must be in [0, 1] and --repeats >= 1")
     return args
 
 
@@ -146,15 +159,74 @@ def run_pipeline(input_uri: str, model_uri: str, out: Path, expected: int, extra
 
 
 def start_s3(stack: contextlib.ExitStack, args) -> C.S3Servers:
-    """moto + the latency proxy (stopped by ``stack``), with the faces uploaded."""
+    """moto + the latency proxy (stopped by ``stack``), with the faces of each S3 scenario uploaded
+    (``s3`` under faces/, ``throttled`` under throttled/)."""
     s3 = stack.enter_context(C.s3_servers(args.delay_ms))
-    fer_dir, n = C.fer_subset(args.fer, args.sizes["s3"], args.workdir)
-    args.sizes["s3"] = n
-    t0 = time.perf_counter()
-    C.upload_files(s3.moto_endpoint, BUCKET, "faces", C.list_local(fer_dir), fer_dir)
-    print(f"[s3] uploaded {n:,} faces to moto in {time.perf_counter() - t0:.1f} s; "
-          f"proxy {s3.proxy_endpoint} adds {args.delay_ms:g} ms per request", flush=True)
+    for name, prefix in (("s3", "faces"), ("throttled", "throttled")):
+        if name not in args.scenarios:
+            continue
+        fer_dir, n = C.fer_subset(args.fer, args.sizes[name], args.workdir)
+        args.sizes[name] = n
+        t0 = time.perf_counter()
+        C.upload_files(s3.moto_endpoint, BUCKET, prefix, C.list_local(fer_dir), fer_dir)
+        print(f"[{name}] uploaded {n:,} faces to moto in {time.perf_counter() - t0:.1f} s; "
+              f"proxy {s3.proxy_endpoint} adds {args.delay_ms:g} ms per request", flush=True)
     return s3
+
+
+def proxy_slowdown(proxy: str, share: float) -> dict:
+    """Set the proxy's SlowDown share; returns its counters."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{proxy}/__proxy__/config?slowdown={share}", method="PUT")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def read_error_rows(out: Path) -> dict:
+    """Error rows of the committed partition by reason (``read_failed``, ``not_found``, ...)."""
+    import pyarrow.dataset as ds
+
+    errors = ds.dataset(out / f"dt={RUN_DATE}", format="parquet").to_table(columns=["error"])["error"]
+    counts: dict = {}
+    for e in errors.drop_null().to_pylist():
+        reason = e.split(":", 1)[0]
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def throttled_scenario(args, proxy: str, model_uri: str, scratch: Path, extra: list[str]) -> dict:
+    """Alternate unthrottled and throttled runs of ``jobs.label`` on the same objects; check that
+    nothing is lost in any run (one row per object, no read errors)."""
+    from emotion_core import storage
+
+    n, share = args.sizes["throttled"], args.slowdown
+    runs = []
+    for rep in range(args.repeats):
+        for s in (0.0, share):
+            before = proxy_slowdown(proxy, s)
+            pipe = run_pipeline(f"s3://{BUCKET}/throttled", model_uri, scratch / "pipe-throttled", n, extra)
+            after = proxy_slowdown(proxy, 0.0)
+            errors = read_error_rows(scratch / "pipe-throttled")
+            run = {"repeat": rep, "slowdown": s, "images_per_s": pipe["images_per_s"], "seconds": pipe["seconds"],
+                   "rows": pipe["n"], "error_rows": errors,
+                   "object_gets": after["object_gets"] - before["object_gets"],
+                   "slowdowns_sent": after["slowdowns"] - before["slowdowns"],
+                   "lost": n - pipe["n"] + errors.get("read_failed", 0) + errors.get("not_found", 0)}
+            runs.append(run)
+            print(f"[throttled] repeat {rep} slowdown {s:.0%}: {pipe['images_per_s']:,.0f} img/s in "
+                  f"{pipe['seconds']:.1f} s, {run['slowdowns_sent']} SlowDown answers to {run['object_gets']} GETs, "
+                  f"rows {pipe['n']}/{n}, error rows {errors or 0}", flush=True)
+    base = [r["images_per_s"] for r in runs if r["slowdown"] == 0.0]
+    hit = [r["images_per_s"] for r in runs if r["slowdown"] > 0.0]
+    ratios = [h / b for b, h in zip(base, hit)]
+    lost = sum(r["lost"] for r in runs)
+    return {"n": n, "slowdown": share, "delay_ms": args.delay_ms, "repeats": args.repeats,
+            "retries": storage.s3_client().meta.config.retries, "runs": runs,
+            "unthrottled_images_per_s": base, "throttled_images_per_s": hit,
+            "ratios": [round(r, 3) for r in ratios], "ratio_min": round(min(ratios), 3),
+            "ratio_max": round(max(ratios), 3), "lost": lost,
+            "goal_met": min(ratios) >= 0.5 and lost == 0}
 
 
 def start_ray() -> float:
@@ -243,7 +315,15 @@ def table(results: dict) -> str:
                      "yes" if r["goal_met"] else "NO", "-", "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    lines = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)] if rows else []
+    if "throttled" in results:
+        r = results["throttled"]
+        lines.append(
+            f"throttled: {r['n']:,} faces, {r['slowdown']:.0%} SlowDown, +{r['delay_ms']:g} ms, retries {r['retries']}: "
+            f"unthrottled {' / '.join(fmt(x) for x in r['unthrottled_images_per_s'])} img/s, throttled "
+            f"{' / '.join(fmt(x) for x in r['throttled_images_per_s'])} img/s -> {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x "
+            f"(goal {GOALS['throttled']}: {'yes' if r['goal_met'] else 'NO'}; lost {r['lost']})")
+    return "\n".join(lines)
 
 
 def fixed_cost(input_uri: str, model_uri: str, out: Path, pipe: dict, extra: list[str]) -> None:
@@ -306,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     naive: dict = {}
     try:
         # ---- inputs --------------------------------------------------------------------------
-        if "local" in scen or "s3" in scen:
+        if {"local", "s3", "throttled"} & set(scen):
             if not args.fer.is_dir():
                 raise SystemExit(f"FER folder {args.fer} not found: pass --fer DIR")
         if "local" in scen:
@@ -318,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"large photos ready in {time.perf_counter() - t0:.1f} s: {large_dir}", flush=True)
 
         with contextlib.ExitStack() as stack:
-            s3 = start_s3(stack, args) if "s3" in scen else None
+            s3 = start_s3(stack, args) if {"s3", "throttled"} & set(scen) else None
             # ---- naive loops, before Ray starts ------------------------------------------------
             if "local" in scen:
                 naive["local"] = time_naive(lambda: C.local_items(C.list_local(fer_dir)), C.read_local,
@@ -328,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 naive["large"] = time_naive(lambda: C.local_items(C.list_local(large_dir)), C.read_local,
                                             C.naive_pil_decode, model_uri, scratch / "naive-large")
                 print(f"[large] naive: {naive['large']}", flush=True)
-            if s3 is not None:
+            if "s3" in scen:
                 client = C.boto_client(s3.proxy_endpoint)
                 naive["s3"] = time_naive(
                     lambda: C.s3_items(C.list_s3(client, BUCKET, "faces")[: sizes["s3_naive"]]),
@@ -339,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[s3] ceiling: {ceiling:,.0f} GETs/s (64 threads, {len(keys)} GETs)", flush=True)
 
             # ---- pipelines on one embedded Ray -------------------------------------------------
-            if {"local", "s3", "large"} & set(scen):
+            if {"local", "s3", "large", "throttled"} & set(scen):
                 meta["ray_init_s"] = round(start_ray(), 2)
                 if "local" in scen:
                     pipe = run_pipeline(str(fer_dir), model_uri, scratch / "pipe-local", sizes["local"], extra)
@@ -349,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                     pipe = run_pipeline(str(large_dir), model_uri, scratch / "pipe-large", sizes["large"], extra)
                     fixed_cost(str(large_dir), model_uri, scratch / "pipe-small", pipe, extra)
                     finish("large", results, naive["large"], pipe, 3.0)
-                if s3 is not None:
+                if "s3" in scen:
                     pipe = run_pipeline(f"s3://{BUCKET}/faces", model_uri, scratch / "pipe-s3", sizes["s3"], extra)
                     fixed_cost(f"s3://{BUCKET}/faces", model_uri, scratch / "pipe-small", pipe, extra)
                     finish("s3", results, naive["s3"], pipe, None)
@@ -360,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["goal_met"] = r["of_ceiling"] >= 0.8
                     if pipe.get("after_fixed_cost_images_per_s"):
                         r["of_ceiling_after_fixed_cost"] = round(pipe["after_fixed_cost_images_per_s"] / ceiling, 3)
+                if "throttled" in scen:
+                    results["throttled"] = throttled_scenario(args, s3.proxy_endpoint, model_uri, scratch, extra)
                 import ray
 
                 ray.shutdown()

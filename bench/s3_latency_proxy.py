@@ -17,19 +17,29 @@ Decisions:
   HTTP/1.1) and not forwarded, since the whole body is read before forwarding. Hop-by-hop headers
   are dropped; everything else, including ``Host`` (it is part of the SigV4 signature), is kept.
 
-Run standalone: ``python -m bench.s3_latency_proxy --upstream http://127.0.0.1:5000 --port 5001``.
+- Throttling (``slowdown`` share, 0 by default): that share of object GETs (``GET /bucket/key``,
+  not listings) is answered by the proxy itself, after the delay, with S3's ``503 SlowDown`` error,
+  the answer S3 gives when a prefix is over its request rate. The draw is random (seeded), so it
+  models occasional throttling, not a hard rate limit. The share can be changed while the proxy
+  runs with ``PUT /__proxy__/config?slowdown=0.05``; ``GET /__proxy__/stats`` returns the counts
+  (JSON). Bucket names cannot contain ``_``, so these paths never shadow a real request.
+
+Run standalone: ``python -m bench.s3_latency_proxy --upstream http://127.0.0.1:5000 --port 5001
+[--slowdown 0.05]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import random
 import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus Expect, which the proxy answers itself.
 _HOP_BY_HOP = {
@@ -44,6 +54,11 @@ _HOP_BY_HOP = {
     "expect",
 }
 _CHUNK = 64 * 1024
+_CONTROL = "/__proxy__/"
+_SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>proxy</RequestId></Error>"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -105,10 +120,35 @@ class _Handler(BaseHTTPRequestHandler):
                     raise
         raise AssertionError("unreachable")
 
+    def _send_simple(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response_only(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _control(self) -> None:
+        """``PUT /__proxy__/config?slowdown=S`` sets the SlowDown share; ``GET /__proxy__/stats``."""
+        url = urlparse(self.path)
+        if self.command == "PUT" and url.path == _CONTROL + "config":
+            share = float(parse_qs(url.query).get("slowdown", ["0"])[0])
+            if not 0.0 <= share <= 1.0:
+                self._send_simple(400, b"slowdown must be in [0, 1]", "text/plain")
+                return
+            self.server.set_slowdown(share)
+        self._send_simple(200, json.dumps(self.server.stats()).encode(), "application/json")
+
     def _proxy(self) -> None:
         body, _ = self._read_body()
+        if self.path.startswith(_CONTROL):
+            self._control()
+            return
         if self.server.delay_s > 0:
             time.sleep(self.server.delay_s)
+        if self.command == "GET" and self.server.throttle(urlparse(self.path).path):
+            self._send_simple(503, _SLOWDOWN_BODY, "application/xml")
+            return
         try:
             resp = self._forward(body)
         except OSError as e:
@@ -152,13 +192,37 @@ class _ProxyServer(ThreadingHTTPServer):
     request_queue_size = 1024
     allow_reuse_address = True
 
-    def __init__(self, addr, upstream: str, delay_s: float, timeout_s: float = 60.0):
+    def __init__(self, addr, upstream: str, delay_s: float, timeout_s: float = 60.0, slowdown: float = 0.0,
+                 seed: int = 0):
         super().__init__(addr, _Handler)
         parsed = urlparse(upstream)
         self.upstream_host = parsed.hostname or "127.0.0.1"
         self.upstream_port = parsed.port or 80
         self.delay_s = delay_s
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._slowdown = slowdown
+        self._object_gets = 0
+        self._slowdowns = 0
+
+    def set_slowdown(self, share: float) -> None:
+        with self._lock:
+            self._slowdown = share
+
+    def throttle(self, path: str) -> bool:
+        """Whether to answer this GET with SlowDown; only object GETs (a key after the bucket) count."""
+        if "/" not in path.strip("/"):
+            return False
+        with self._lock:
+            self._object_gets += 1
+            hit = self._slowdown > 0 and self._rng.random() < self._slowdown
+            self._slowdowns += hit
+            return hit
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"slowdown": self._slowdown, "object_gets": self._object_gets, "slowdowns": self._slowdowns}
 
 
 class LatencyProxy:
@@ -168,14 +232,22 @@ class LatencyProxy:
     ...     os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
     """
 
-    def __init__(self, upstream: str, delay_ms: float = 20.0, host: str = "127.0.0.1", port: int = 0):
-        self._server = _ProxyServer((host, port), upstream, delay_ms / 1000.0)
+    def __init__(self, upstream: str, delay_ms: float = 20.0, host: str = "127.0.0.1", port: int = 0,
+                 slowdown: float = 0.0):
+        self._server = _ProxyServer((host, port), upstream, delay_ms / 1000.0, slowdown=slowdown)
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-latency-proxy", daemon=True)
 
     @property
     def endpoint(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def set_slowdown(self, share: float) -> None:
+        """Answer this share of object GETs with 503 SlowDown from now on."""
+        self._server.set_slowdown(share)
+
+    def stats(self) -> dict:
+        return self._server.stats()
 
     def start(self) -> LatencyProxy:
         self._thread.start()
@@ -198,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = a free port (printed)")
     p.add_argument("--delay-ms", type=float, default=20.0)
+    p.add_argument("--slowdown", type=float, default=0.0, help="share of object GETs answered 503 SlowDown")
     args = p.parse_args(argv)
-    server = _ProxyServer((args.host, args.port), args.upstream, args.delay_ms / 1000.0)
+    if not 0.0 <= args.slowdown <= 1.0:
+        p.error("--slowdown must be between 0 and 1")
+    server = _ProxyServer((args.host, args.port), args.upstream, args.delay_ms / 1000.0, slowdown=args.slowdown)
     host, port = server.server_address[:2]
     print(f"http://{host}:{port}", flush=True)
     try:

@@ -27,7 +27,14 @@ sessions, other users):
   local clusters since 2.5x): the token is Ray's usual one (`$RAY_AUTH_TOKEN`,
   `$RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, created if missing). Clients need
   `RAY_AUTH_MODE=token` too: `eval "$(python -m cluster.local env)"` exports it with RAY_ADDRESS.
-  `--no-auth` turns it off.
+  An existing token file is used only if it is a regular file (not a symlink) owned by this user
+  that nobody else can write (one others can write may be theirs): otherwise a one-line error
+  naming the file and the fix. A token file others can *read* is made private (0600) with a
+  warning: Ray 2.60 itself writes ~/.ray/auth_token with the process umask, usually 0644.
+- `--no-auth` turns token auth off. Ray 2.60 has no option to bind the GCS and raylet gRPC servers
+  to loopback only, so after `up` the cluster's listening sockets are read from /proc and every
+  one on a non-loopback address is named in a warning: without auth, anyone who can reach those
+  ports can run code as this user. The dashboard / Jobs API stays on 127.0.0.1 either way.
 - `down` never runs `ray stop` (it kills every Ray process of the user on the machine). Every
   process this cluster starts inherits the environment variable `EMOTION_RAY_CLUSTER=<id>`
   (GCS, raylets, dashboard, workers, job drivers, which Ray starts in their own process
@@ -50,6 +57,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -92,14 +100,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _read_private_token(path: Path) -> str:
+    """The token in ``path``, after checking (on the open file, so nothing can swap it in between)
+    that it is a regular file owned by this user that nobody else can write; a file others can
+    read is chmod-ed to 0600, with a warning."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ClusterError(f"cannot read the Ray auth token {path}: {e.strerror} (a symlink is not accepted)") from e
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ClusterError(f"the Ray auth token {path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise ClusterError(f"the Ray auth token {path} is owned by uid {st.st_uid}, not by you "
+                               f"(uid {os.getuid()}): remove it or point RAY_AUTH_TOKEN_PATH at your own")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            raise ClusterError(f"the Ray auth token {path} has mode {mode:04o}: others can change it; remove it "
+                               "(a new one is generated) or check its contents and `chmod 600` it")
+        if mode & 0o044:
+            os.fchmod(f.fileno(), 0o600)
+            print(f"warning: the Ray auth token {path} was readable by other users (mode {mode:04o}); it is now "
+                  "0600. If others may have read it, delete it and restart your Ray clusters to get a new one.",
+                  file=sys.stderr)
+        token = f.read().strip()
+    if not token:
+        raise ClusterError(f"the Ray auth token {path} is empty")
+    return token
+
+
 def auth_token(create: bool = False) -> str | None:
     """Ray's auth token, looked up as Ray does ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token); with ``create``, ~/.ray/auth_token is generated (0600) if there is none."""
+    ~/.ray/auth_token); with ``create``, ~/.ray/auth_token is generated (0600) if there is none.
+    A token file must be private (see the module docstring); otherwise ClusterError."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if path.exists():
-        return path.read_text().strip()
+    if os.path.lexists(path):
+        return _read_private_token(path)
     if not create:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +148,64 @@ def auth_token(create: bool = False) -> str | None:
             f.write(secrets.token_hex(32))
     except FileExistsError:
         pass
-    return path.read_text().strip()
+    return _read_private_token(path)
+
+
+_LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+def _listening_sockets() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket, from /proc/net/tcp{,6}."""
+    out = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out[int(fields[9])] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    return out
+
+
+def exposed_listeners(cluster_id: str) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, process name) of every socket a process of this cluster listens on
+    beyond loopback (0.0.0.0, ::, or a real interface)."""
+    listening = _listening_sockets()
+    found = set()
+    for pid, _ in cluster_processes(cluster_id):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                addr = listening.get(int(target[8:-1]))
+                if addr and not addr[0].startswith(_LOOPBACK):
+                    found.add((addr[0], addr[1], pid, name))
+    return sorted(found)
+
+
+def no_auth_warning(exposed: list[tuple[str, int, int, str]]) -> str | None:
+    """The warning for a cluster without token auth, or None if nothing listens beyond loopback."""
+    if not exposed:
+        return None
+    where = ", ".join(f"{name} on {addr}:{port}" for addr, port, _, name in exposed[:8])
+    more = f" and {len(exposed) - 8} more" if len(exposed) > 8 else ""
+    return (f"WARNING: --no-auth: this cluster's Ray processes listen beyond loopback ({where}{more}) and "
+            "Ray 2.60 cannot bind them to 127.0.0.1; without token auth anyone who can reach this machine "
+            "can run code as you. Use token auth (drop --no-auth) or firewall these ports.")
 
 
 def auth_headers(cluster: LocalCluster | None = None) -> dict[str, str]:
@@ -461,13 +557,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head node (default: all cores)")
     p.add_argument("--worker-cpus", type=int, default=None, help="logical CPUs per worker node (default: all cores)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs per node (default: detected)")
-    p.add_argument("--no-auth", action="store_true", help="up: disable Ray token authentication")
+    p.add_argument("--no-auth", action="store_true",
+                   help="up: disable Ray token authentication (warns if Ray listens beyond loopback)")
     p.add_argument("--keep-logs", action="store_true", help="down: keep the Ray temp dir with the session logs")
     p.add_argument("--pid", type=int, help="watch: stop the cluster when this process exits")
     args = p.parse_args(argv)
     try:
         if args.command == "up":
             c = up(args.state_dir, args.workers, args.num_cpus, args.worker_cpus, args.num_gpus, auth=not args.no_auth)
+            if not c.auth:
+                warning = no_auth_warning(exposed_listeners(c.cluster_id))
+                if warning:
+                    print(warning, file=sys.stderr)
             print(f"Ray cluster up: {c.num_nodes} node(s), GCS {c.gcs_address}")
             print(f"  dashboard / Jobs API: {c.dashboard_url}")
             if c.client_address:

@@ -110,7 +110,8 @@ def k8s_docs() -> list[tuple[str, dict]]:
             if doc.get("kind") == "ConfigMap":
                 for key, text in (doc.get("data") or {}).items():
                     if key.endswith((".yaml", ".yml")):
-                        rendered = text.replace("__DATE__", "2026-11-20").replace("__DAY__", "20261120")
+                        rendered = (text.replace("__DATE__", "2026-11-20").replace("__DAY__", "20261120")
+                                    .replace("__JOB_NAME__", "emotion-label-nightly-1").replace("__JOB_UID__", "u-1"))
                         out.append((f"{f.name}:{key}", yaml.safe_load(rendered)))
     return out
 
@@ -188,8 +189,9 @@ def test_ray_cluster_specs():
                 gpus = res.get("limits", {}).get("nvidia.com/gpu")
                 if gpus is not None:  # GPUs must be requested = limited, integers
                     assert str(gpus).isdigit() and res.get("requests", {}).get("nvidia.com/gpu") == gpus
-        for pod in pod_specs(spec):
-            assert pod.get("serviceAccountName") == "emotion-ray", f"{name}: pods need the S3 service account"
+        assert head["template"]["spec"].get("serviceAccountName") == "emotion-ray", f"{name}: head account"
+        for g in groups:  # workers: S3 via IRSA, but not the autoscaler rights KubeRay binds to the head's account
+            assert g["template"]["spec"].get("serviceAccountName") == "emotion-ray-worker", f"{name}/{g['groupName']}"
     by_name = dict(specs)
     gpu_groups = [g for g in by_name["raycluster.yaml"]["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
@@ -203,11 +205,139 @@ def test_rayjobs():
     modules = {entrypoint_module(spec["entrypoint"])[0] for _, spec in jobs}
     assert modules == {"jobs.train", "jobs.label"}
     for name, spec in jobs:
-        assert spec.get("shutdownAfterJobFinishes") is True, f"{name}: clusters must go away after the job"
+        assert cluster_deleted_within(spec) <= 600, f"{name}: the Ray cluster must go away minutes after the job"
         assert spec.get("activeDeadlineSeconds", 0) > 0, f"{name}: a hung job must end"
         renv = yaml.safe_load(spec.get("runtimeEnvYAML", "{}")) or {}
         assert "pip" not in renv and "uv" not in renv, f"{name}: dependencies come from the image"
         assert not SECRET_NAMES.search(" ".join((renv.get("env_vars") or {}).keys()))
+
+
+def cluster_deleted_within(spec: dict) -> float:
+    """Seconds after the job ends until KubeRay deletes its Ray cluster (inf if never), for both
+    ways to say it: shutdownAfterJobFinishes + ttlSecondsAfterFinished, or deletionRules."""
+    rules = (spec.get("deletionStrategy") or {}).get("deletionRules")
+    if rules:
+        assert "shutdownAfterJobFinishes" not in spec, "KubeRay refuses deletionRules with shutdownAfterJobFinishes"
+        ends = [{"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}]
+        ttls = []
+        for end in ends:
+            match = [r["condition"].get("ttlSeconds", 0) for r in rules if r["policy"] == "DeleteCluster"
+                     and all(r["condition"].get(k) == v for k, v in end.items())]
+            ttls.append(min(match) if match else float("inf"))
+        return max(ttls)
+    if spec.get("shutdownAfterJobFinishes") is True:
+        return spec.get("ttlSecondsAfterFinished", 0)
+    return float("inf")
+
+
+def test_nightly_clusters_go_away_scale_to_zero_and_keep_a_bounded_history():
+    """Issue: the nightly cluster idled 24 h after each run (ttlSecondsAfterFinished delays the
+    *cluster's* deletion) with a worker pinned by minReplicas: 1, and RayJobs piled up forever."""
+    docs = k8s_docs()
+    cron = next(doc for _, doc in docs if doc["kind"] == "RayCronJob")
+    template = cron["spec"]["jobTemplate"]
+    rules = template["deletionStrategy"]["deletionRules"]
+    for status in ("SUCCEEDED", "FAILED"):
+        self_ttl = [r["condition"]["ttlSeconds"] for r in rules
+                    if r["policy"] == "DeleteSelf" and r["condition"].get("jobStatus") == status]
+        assert self_ttl and 0 < self_ttl[0] <= 30 * 86400, f"RayJob history not bounded for {status}"
+    # the fallback: each RayJob is owned by the CronJob's Job, whose history is limited
+    fallback = next(doc for name, doc in docs if name.endswith(":rayjob.yaml"))
+    owner = fallback["metadata"]["ownerReferences"][0]
+    assert (owner["apiVersion"], owner["kind"]) == ("batch/v1", "Job")
+    cronjob = next(doc for _, doc in docs if doc["kind"] == "CronJob")
+    assert 0 < cronjob["spec"]["successfulJobsHistoryLimit"] <= 30 and 0 < cronjob["spec"]["failedJobsHistoryLimit"] <= 30
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+           for e in cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["JOB_UID"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    for name, spec in ray_cluster_specs():
+        if name == "rayjob-train.yaml":
+            continue  # a one-off training run: its GPUs are requested up front (replicas: 2)
+        for g in spec["workerGroupSpecs"]:
+            assert g["minReplicas"] == 0 and g.get("replicas", 0) == 0, f"{name}/{g['groupName']} must scale to 0"
+
+
+MIN_VERSIONS = {  # file -> KubeRay minimum its header must state (and no wrong one)
+    "raycluster.yaml": "KubeRay >= 1.5.1",
+    "rayjob-train.yaml": "KubeRay >= 1.5.1",
+    "raycronjob-label.yaml": "KubeRay >= 1.6",
+    "cronjob-label-fallback.yaml": "KubeRay >= 1.2",
+}
+
+
+@pytest.mark.parametrize("file,minimum", MIN_VERSIONS.items())
+def test_minimum_versions_are_stated(file, minimum):
+    text = (CLUSTER / "kuberay" / file).read_text()
+    flat = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert minimum in flat, f"{file}: does not state {minimum}"
+    assert not re.search(r"KubeRay >= 1\.5(?!\.1)\b|any KubeRay >= 1\.0|KubeRay >= 1\.0", flat), f"{file}: wrong minimum"
+    uses_auth = any("authOptions" in json.dumps(spec) for name, spec in ray_cluster_specs() if name == file)
+    version = tuple(int(x) for x in minimum.split(">= ")[1].split("."))
+    assert not uses_auth or version >= (1, 5, 1), f"{file}: authOptions need KubeRay >= 1.5.1"
+    if file == "raycronjob-label.yaml":
+        assert "timeZone" in text and "1.7" in flat
+    readme = (CLUSTER / "README.md").read_text()
+    assert minimum.replace("KubeRay >= ", "") in readme
+
+
+def test_service_accounts_live_in_their_own_manifest():
+    """Applying the RayJob / RayCronJob never starts a permanent cluster to get its account, and
+    workers do not share the head's (autoscaler) account."""
+    for f in K8S_FILES:
+        kinds = [d["kind"] for d in yaml.safe_load_all(f.read_text())]
+        if "RayCluster" in kinds or "RayJob" in kinds or "RayCronJob" in kinds:
+            names = [d["metadata"]["name"] for d in yaml.safe_load_all(f.read_text()) if d["kind"] == "ServiceAccount"]
+            assert not any(n.startswith("emotion-ray") for n in names), f"{f.name} defines the Ray service accounts"
+    accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccounts.yaml").read_text())}
+    assert set(accounts) == {"emotion-ray", "emotion-ray-worker"}
+    for sa in accounts.values():
+        assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    assert accounts["emotion-ray-worker"]["automountServiceAccountToken"] is False
+
+
+def _fallback_script() -> str:
+    cron = next(doc for _, doc in k8s_docs() if doc["kind"] == "CronJob")
+    return cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+STUB_KUBECTL = """#!/bin/sh
+# kubectl stand-in: `create` succeeds, `get ... -o jsonpath=...` answers from the environment.
+echo "$*" >> "$STUB_LOG"
+case "$*" in
+  create*) exit 0 ;;
+  *jobDeploymentStatus*) printf '%s' "$STUB_DS" ;;
+  *jobStatus*) printf '%s' "$STUB_S" ;;
+  *message*) printf 'rejected by the stub' ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("deployment,job,rc", [("ValidationFailed", "", 1), ("Failed", "FAILED", 1),
+                                               ("Complete", "FAILED", 1), ("Complete", "SUCCEEDED", 0)])
+def test_fallback_wait_loop_ends_on_every_terminal_state(tmp_path, deployment, job, rc):
+    """The CronJob's own script, under sh with a stub kubectl: a RayJob KubeRay rejects
+    (ValidationFailed) must fail the night at once, not after the Job's 7 h deadline."""
+    import time
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "kubectl").write_text(STUB_KUBECTL)
+    (bindir / "kubectl").chmod(0o755)
+    (tmp_path / "template").mkdir()
+    configmap = next(doc for _, doc in k8s_docs() if doc["kind"] == "ConfigMap")
+    (tmp_path / "template" / "rayjob.yaml").write_text(configmap["data"]["rayjob.yaml"])
+    script = _fallback_script().replace("/template/", f"{tmp_path}/template/").replace("/tmp/rayjob.yaml",
+                                                                                      f"{tmp_path}/out.yaml")
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "log"),
+           "STUB_DS": deployment, "STUB_S": job, "JOB_NAME": "emotion-label-nightly-123", "JOB_UID": "u-1"}
+    t0 = time.monotonic()
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == rc, out.stdout + out.stderr
+    assert time.monotonic() - t0 < 10
+    assert (job if deployment == "Complete" else deployment) in out.stdout
+    created = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert created["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": "emotion-label-nightly-123", "uid": "u-1"}
 
 
 def test_schedules_are_valid_and_nightly():
@@ -251,7 +381,7 @@ def test_render_step_of_the_fallback_produces_the_nights_rayjob(tmp_path):
     (tmp_path / "template").mkdir()
     (tmp_path / "template" / "rayjob.yaml").write_text(configmap["data"]["rayjob.yaml"])
     render = render.replace("/template/", f"{tmp_path}/template/").replace("/tmp/rayjob.yaml", f"{tmp_path}/out.yaml")
-    env = {**os.environ, "D": "2026-11-20", "DAY": "20261120"}
+    env = {**os.environ, "D": "2026-11-20", "DAY": "20261120", "JOB_NAME": "nightly-1", "JOB_UID": "u-1"}
     subprocess.run(["sh", "-c", render], env=env, check=True)
     job = yaml.safe_load((tmp_path / "out.yaml").read_text())
     assert job["metadata"]["name"] == "emotion-label-20261120"
@@ -259,9 +389,9 @@ def test_render_step_of_the_fallback_produces_the_nights_rayjob(tmp_path):
 
 
 def test_s3_access_is_by_role_not_keys():
-    sa = next(doc for _, doc in k8s_docs() if doc["kind"] == "ServiceAccount" and doc["metadata"]["name"] == "emotion-ray")
-    arn = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
-    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", arn)
+    for sa in (doc for _, doc in k8s_docs() if doc["kind"] == "ServiceAccount" and doc["metadata"]["name"] != "emotion-label-scheduler"):
+        arn = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", arn)
     for f in LAUNCHER_FILES:
         cfg = yaml.safe_load(f.read_text())
         for node_type, spec in cfg["available_node_types"].items():
@@ -288,8 +418,9 @@ def all_images() -> list[tuple[str, str]]:
             images.append((name, c["image"]))
     for f in LAUNCHER_FILES:
         images.append((f.name, yaml.safe_load(f.read_text())["docker"]["image"]))
-    from_line = next(line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
-    images.append(("Dockerfile", from_line.split()[1]))
+    for line in (CLUSTER / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            images.append(("Dockerfile", line.split()[1]))
     return images
 
 
@@ -301,6 +432,42 @@ def test_images_match_pins():
         assert m, f"{where}: image {image!r} does not name its Ray and Python versions"
         assert (m.group("ray") or m.group("ray2")) == RAY, f"{where}: {image} is not Ray {RAY}"
         assert (m.group("py") or m.group("py2")) == python_tag(), f"{where}: {image} is not {python_tag()}"
+
+
+def test_gpu_images_only_where_gpus_are():
+    """CPU pods (head, CPU workers, submitters) use the -cpu image, which has no CUDA wheels;
+    GPU pods use -gpu."""
+    for name, spec in ray_cluster_specs():
+        for pod in pod_specs(spec):
+            for c in pod["containers"]:
+                has_gpu = "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                assert c["image"].endswith("-gpu" if has_gpu else "-cpu"), f"{name}: {c['image']} (GPU: {has_gpu})"
+    for name, spec in rayjob_specs():
+        for c in (spec.get("submitterPodTemplate") or {}).get("spec", {}).get("containers", []):
+            assert c["image"].endswith("-cpu"), name
+
+
+def test_dockerfile_builds_pinned_and_checks_the_installed_package():
+    text = (CLUSTER / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    by_name = {s.split()[2]: s for s in stages}
+    assert set(by_name) == {"wheel", "cpu", "gpu"}
+    # setuptools for pip's isolated build is pinned (`-c constraints.txt` does not reach it)
+    m = re.search(r"--build-constraint (\S+)", by_name["wheel"])
+    assert m, "the wheel must be built with --build-constraint"
+    pins = (REPO / m.group(1)).read_text()
+    version = re.search(r"^setuptools==([\d.]+)$", pins, re.M).group(1)
+    floor = re.search(r'"setuptools>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, floor.split(".")))
+    assert re.search(r'pip install [^\n]*"pip==[\d.]+"', by_name["wheel"]), "pip itself is pinned"
+    for target in ("cpu", "gpu"):
+        stage = by_name[target]
+        assert "COPY --from=wheel" in stage and "COPY emotion_core" not in stage and "COPY --chown" not in stage
+        assert "-c /tmp/install/constraints.txt" in stage
+        # the import check runs outside any source tree and proves the package came from site-packages
+        assert "cd / && python -c" in stage and "/site-packages/" in stage
+    assert "download.pytorch.org/whl/cpu" in by_name["cpu"] and "download.pytorch.org" not in by_name["gpu"]
+    assert 'NVIDIA_REQUIRE_CUDA="cuda>=13.0"' in by_name["gpu"]
 
 
 # ---------------------------------------------------------------- the cluster launcher
@@ -323,10 +490,26 @@ def test_cluster_launcher_config(path):
     gpu = [t for t in types.values() if re.match(r"^(g|p)\d", t["node_config"]["InstanceType"])]
     assert gpu and all(0 <= t["min_workers"] < t["max_workers"] for t in gpu)
     assert sum(t.get("max_workers", 0) for n, t in types.items() if n != cfg["head_node_type"]) >= cfg["max_workers"]
-    setup = " ".join(cfg["setup_commands"])
-    assert re.search(r"pip install .*-c \S*constraints\.txt", setup), "install the project at its pins"
     mount = next(iter(cfg["file_mounts"]))
-    assert mount in setup and cfg["file_mounts"][mount] == "."
+    assert cfg["file_mounts"][mount] == "."
+    for name, t in types.items():
+        node = t["node_config"]
+        # an AMI with an NVIDIA driver >= 580 (not Ray's CUDA 11-era default DLAMI) ...
+        assert "base-oss-nvidia-driver-gpu" in node["ImageId"] or node["ImageId"].startswith("ami-"), name
+        # ... and a root volume no smaller than its snapshot (the default DLAMI's is 140 GB)
+        volumes = [b["Ebs"]["VolumeSize"] for b in node["BlockDeviceMappings"] if b["DeviceName"] == "/dev/sda1"]
+        assert volumes and volumes[0] >= 140, name
+        is_gpu = re.match(r"^(g|p)\d", node["InstanceType"])
+        if name == cfg["head_node_type"]:
+            setup, image = cfg["head_setup_commands"], cfg["docker"]["image"]
+        else:
+            setup = t.get("worker_setup_commands", cfg["worker_setup_commands"])
+            image = t.get("docker", {}).get("worker_image", cfg["docker"]["image"])
+        setup = " ".join(cfg["setup_commands"] + setup)
+        assert re.search(rf"pip install .*-c {re.escape(mount)}/constraints\.txt", setup), f"{name}: install at the pins"
+        assert mount in setup
+        assert image.endswith("-gpu" if is_gpu else "-cpu"), f"{name}: {image}"
+        assert ("download.pytorch.org/whl/cpu" in setup) != bool(is_gpu), f"{name}: CPU nodes skip the CUDA wheels"
     assert ".venv" in cfg["rsync_exclude"]
 
 

@@ -74,3 +74,89 @@ def test_auth_token_is_created_once_and_private(tmp_path, monkeypatch):
     assert submit.auth_headers() == {"Authorization": f"Bearer {token}"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert submit.auth_headers() == {}
+
+
+def test_auth_token_file_must_be_private_and_ours(tmp_path, monkeypatch, capsys):
+    import os
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    path = tmp_path / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    path.write_text("a" * 64)
+    path.chmod(0o664)  # writable by others: possibly their token, never used
+    with pytest.raises(local.ClusterError, match="others can change it"):
+        local.auth_token()
+    with pytest.raises(local.ClusterError, match="others can change it"):
+        local.auth_token(create=True)  # not even when asked to create one
+    path.chmod(0o644)  # readable by others (how Ray itself writes it): made private, with a warning
+    assert local.auth_token() == "a" * 64
+    assert path.stat().st_mode & 0o777 == 0o600 and "readable by other users" in capsys.readouterr().err
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(link))
+    with pytest.raises(local.ClusterError, match="symlink"):
+        local.auth_token()
+    if os.getuid() == 0:  # root can hand the file to another user: it must be refused
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        os.chown(path, 4242, -1)
+        with pytest.raises(local.ClusterError, match="owned by uid 4242"):
+            local.auth_token()
+
+
+def test_exposed_listeners_names_sockets_beyond_loopback(tmp_path):
+    """A process carrying the cluster's marker listens on 0.0.0.0 and on 127.0.0.1: only the
+    first is reported, and the --no-auth warning names its port."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket, sys, time\n"
+            "a = socket.socket(); a.bind(('0.0.0.0', 0)); a.listen()\n"
+            "b = socket.socket(); b.bind(('127.0.0.1', 0)); b.listen()\n"
+            "print(a.getsockname()[1], b.getsockname()[1], flush=True); time.sleep(60)\n")
+    env = {**os.environ, local.MARKER_ENV: "test-exposed"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        public, loopback = map(int, proc.stdout.readline().split())
+        exposed = local.exposed_listeners("test-exposed")
+        assert [(addr, port, pid) for addr, port, pid, _ in exposed] == [("0.0.0.0", public, proc.pid)]
+        warning = local.no_auth_warning(exposed)
+        assert f"0.0.0.0:{public}" in warning and "--no-auth" in warning and str(loopback) not in warning
+        assert local.exposed_listeners("no-such-cluster") == [] and local.no_auth_warning([]) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_s3_client_rides_out_slowdown_without_losing_objects(s3_bucket):
+    """The latency proxy answers 30 % of object GETs with 503 SlowDown; storage.s3_client's retries
+    must still return every object intact."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    from bench.s3_latency_proxy import LatencyProxy
+    from emotion_core import storage
+
+    bodies = {f"k/{i}.bin": os.urandom(64) for i in range(40)}
+    for key, body in bodies.items():
+        storage.s3_client().put_object(Bucket=s3_bucket, Key=key, Body=body)
+    with LatencyProxy(os.environ["AWS_ENDPOINT_URL"], delay_ms=0, slowdown=1.0) as proxy:
+        # the proxy really throttles: a client without retries sees SlowDown
+        bare = boto3.client("s3", endpoint_url=proxy.endpoint, config=Config(retries={"total_max_attempts": 1}))
+        with pytest.raises(bare.exceptions.ClientError, match="SlowDown"):
+            bare.get_object(Bucket=s3_bucket, Key="k/0.bin")
+        proxy.set_slowdown(0.3)
+        old = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
+        os.environ.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        try:
+            client = storage.s3_client()
+        finally:
+            os.environ.update(old)
+        with ThreadPoolExecutor(8) as pool:
+            got = dict(pool.map(lambda k: (k, client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()), bodies))
+        stats = proxy.stats()
+    assert got == bodies
+    assert stats["slowdowns"] >= 5, stats
