@@ -17,8 +17,9 @@ use :attr:`ListingResult.shards` (not a glob of the folder).
    sub-prefixes, level by level, until there are at least ``target_prefixes`` of them (or none
    are left, or ``max_depth`` levels were listed).
 3. *Flat*: each remaining prefix is listed whole, one paginator each (1,000 keys a request;
-   local: a walk), by tasks that take ``prefixes_per_task`` prefixes and run ``threads``
-   listings at once. Shards roll over every ``rows_per_shard`` rows.
+   local: a walk), by tasks that take at least ``prefixes_per_task`` prefixes (more when there
+   are more than two prefixes per cluster CPU, so a round has about 2 tasks per CPU) and run
+   ``threads`` listings at once. Shards roll over every ``rows_per_shard`` rows.
 
 Listing is I/O bound, so tasks ask for little CPU (``num_cpus``). Local inputs are listed on
 the driver's node (the paths exist there). Limitation: one folder with millions of keys and no
@@ -237,6 +238,10 @@ def _run_level(mode, frontier, out_uri, *, per_task, threads, rows_per_shard, nu
     """Run one round of tasks over ``frontier``; returns (written, sub-prefixes)."""
     import ray
 
+    # Enough tasks to use the cluster (listing is I/O bound: ~2 per CPU), no more: each task pays
+    # for a worker and an S3 client, so small prefixes are grouped.
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(per_task, -(-len(frontier) // max(1, int(2 * cpus))))
     refs = []
     for i in range(0, len(frontier), per_task):
         batch = frontier[i : i + per_task]
