@@ -294,13 +294,16 @@ class S3Object:
 
 
 def list_s3(client, bucket: str, prefix: str) -> list[S3Object]:
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get("Contents", []):
-            if o["Key"].lower().endswith(IMAGE_EXTENSIONS):
-                out.append(S3Object(f"s3://{bucket}/{o['Key']}", o["Key"], o["ETag"].strip('"'),
-                                    o["Size"], o["LastModified"]))
-    return out
+    """Image objects under ``s3://bucket/prefix/``, sorted, listed by :mod:`emotion_core.storage`
+    (the job's own lister) through the endpoint in the environment. ``client`` is not used: it is
+    kept for the existing callers."""
+    from emotion_core import storage
+
+    table = storage.list_objects(storage.s3_uri(bucket, prefix + "/")).sort_by("image_uri")
+    return [
+        S3Object(r["image_uri"], storage.parse(r["image_uri"]).key, r["etag"], r["size_bytes"], r["last_modified"])
+        for r in table.to_pylist()
+    ]
 
 
 def concurrent_get_rate(endpoint: str, bucket: str, keys: list[str], threads: int = 64) -> float:
