@@ -85,11 +85,11 @@ def fer_faces(root: str | Path) -> FaceSource:
 
 def background(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
     """A face-less cluttered RGB background."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    xx, yy = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
     a = np.empty((height, width, 3), np.float32)
     for c in range(3):
         gx, gy = rng.uniform(-0.1, 0.1, 2)
-        a[..., c] = rng.uniform(40, 215) + gx * xx + gy * yy
+        a[..., c] = np.add.outer(gy * yy, gx * xx + rng.uniform(40, 215))
     im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(im)
     for _ in range(int(rng.integers(8, 30))):
@@ -104,7 +104,8 @@ def background(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGH
         else:
             draw.line([x0, y0, x0 + w, y0 + h], fill=colour, width=int(rng.integers(2, 15)))
     im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
-    noisy = np.asarray(im, np.float32) + rng.normal(0, rng.uniform(2, 8), (height, width, 3))
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32) * np.float32(rng.uniform(2, 8))
+    noisy = np.asarray(im, np.float32) + noise
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 

