@@ -127,8 +127,9 @@ def evaluate(detector: F.FaceDetector, scenes: list[S.Scene], repeats: int = 1) 
 
 def table(results: list[Result]) -> str:
     base = statistics.median(results[0].speeds)
+    n = max(11, *(len(r.name) for r in results))
     head = (
-        f"{'detector':<11} {'recall':>7} {'false/photo':>11} {'rotated':>8} {'small':>7} {'crop IoU':>8} "
+        f"{'detector':<{n}} {'recall':>7} {'false/photo':>11} {'rotated':>8} {'small':>7} {'crop IoU':>8} "
         f"{'photos/s (min-max)':>20} {'vs ' + results[0].name:>10} {'CPU ms/photo':>12}"
     )
     lines = [head, "-" * len(head)]
@@ -136,7 +137,7 @@ def table(results: list[Result]) -> str:
         med = statistics.median(r.speeds)
         speed = f"{med:.1f} ({min(r.speeds):.1f}-{max(r.speeds):.1f})"
         lines.append(
-            f"{r.name:<11} {r.found / max(1, r.known):>7.3f} {r.false / max(1, r.photos):>11.3f} "
+            f"{r.name:<{n}} {r.found / max(1, r.known):>7.3f} {r.false / max(1, r.photos):>11.3f} "
             f"{r.rotated_found / max(1, r.rotated):>8.3f} {r.small_found / max(1, r.small):>7.3f} "
             f"{np.mean(r.crop_iou) if r.crop_iou else 0:>8.3f} {speed:>20} {med / base:>9.2f}x "
             f"{statistics.median(r.cpu_ms):>12.1f}"
@@ -144,25 +145,31 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def parse_detector(spec: str) -> F.FaceDetector:
+    """``name`` or ``name[key=value;key=value]`` -> a detector labelled with ``spec``."""
+    name, _, rest = spec.partition("[")
+    kwargs: dict[str, float | int] = {}
+    for item in filter(None, rest.rstrip("]").split(";")):
+        key, _, value = item.partition("=")
+        kwargs[key] = int(value) if value.isdigit() else float(value)
+    detector = F.create_detector(name, **kwargs)
+    detector.name = spec
+    return detector
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.faces_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", type=int, default=300)
     p.add_argument("--faces", default=str(DEFAULT_FER), help="FER-layout train folder or 'synthetic'")
-    p.add_argument("--detectors", default="yunet,retinaface,haar")
+    p.add_argument("--detectors", default="yunet,retinaface,haar",
+                   help="comma-separated; options in brackets, e.g. yunet[max_side=960;score_threshold=0.3]")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate", action="store_true", help="print crop_scale / crop_shift medians")
-    p.add_argument("--option", action="append", default=[], metavar="DETECTOR:KEY=VALUE",
-                   help="detector keyword argument, e.g. yunet:score_threshold=0.6")
     args = p.parse_args(argv)
     try:
         source = S.synthetic_faces() if args.faces == "synthetic" else S.fer_faces(args.faces)
-        options: dict[str, dict[str, float]] = {}
-        for o in args.option:
-            name, kv = o.split(":", 1)
-            key, value = kv.split("=", 1)
-            options.setdefault(name, {})[key] = float(value)
-        detectors = [F.create_detector(n, **options.get(n, {})) for n in args.detectors.split(",")]
+        detectors = [parse_detector(spec) for spec in args.detectors.split(",")]
     except (ValueError, F.DetectorUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

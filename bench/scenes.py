@@ -12,9 +12,10 @@ at 90-260 px they are 2-5x upscaled and blurry, and pasted as grey squares into 
 That is harder than real photos for a detector trained on WIDER FACE, so recall measured here is a
 pessimistic figure for sharp photos.
 
-The known box of a face is the pasted square (side = pasted size, centred where the face centre
-lands; for a rotated face the un-rotated square around the same centre), i.e. exactly the FER
-crop's extent: the box a perfect detector + crop margin would reproduce.
+The known box of a FER face is the pasted square (side = pasted size, centred where the face
+centre lands; for a rotated face the un-rotated square around the same centre), i.e. exactly the
+FER crop's extent: the box a perfect detector + crop margin would reproduce. A synthetic face's
+box is the square around its oval (0.6 of the pasted side, same centre).
 
 CLI (writes scene JPEGs and ``scenes.json`` with the boxes and labels)::
 
@@ -45,9 +46,19 @@ FACE_COUNT_P = (0.2, 0.4, 0.25, 0.15)  # P(0, 1, 2, 3 faces)
 ROTATED_SHARE = 0.3
 MAX_ROTATION_DEG = 25.0
 JPEG_QUALITY = 90
+# A synthetic face's oval spans ~0.5-0.65 of its 48 px crop (emotion_core.synthetic: scale 0.8-0.98
+# of the half-side, oval radii 0.56-0.64 x 0.74-0.82).
+SYNTHETIC_FACE_FRACTION = 0.6
 
-# A face source: rng -> (grayscale or RGB face crop, its label).
-FaceSource = Callable[[np.random.Generator], tuple[Image.Image, str]]
+
+
+@dataclass(frozen=True)
+class FaceSource:
+    """``draw(rng) -> (face crop, label)``; ``face_fraction``: the side of the face's box as a share
+    of the crop's side (FER crops are the reference box, 1.0; a synthetic face's oval fills ~0.6)."""
+
+    draw: Callable[[np.random.Generator], tuple[Image.Image, str]]
+    face_fraction: float = 1.0
 
 
 @dataclass
@@ -58,14 +69,14 @@ class Scene:
     angles: list[float] = field(default_factory=list)
 
 
-def synthetic_faces(seed: int = 0) -> FaceSource:
+def synthetic_faces() -> FaceSource:
     """emotion_core.synthetic faces (48x48), classes drawn uniformly."""
 
-    def source(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    def draw(rng: np.random.Generator) -> tuple[Image.Image, str]:
         label = CANONICAL[int(rng.integers(len(CANONICAL)))]
         return render_face(label, rng, 48), label
 
-    return source
+    return FaceSource(draw, SYNTHETIC_FACE_FRACTION)
 
 
 def fer_faces(root: str | Path) -> FaceSource:
@@ -75,12 +86,12 @@ def fer_faces(root: str | Path) -> FaceSource:
     if not files:
         raise ValueError(f"no images under {root}/<class>/")
 
-    def source(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    def draw(rng: np.random.Generator) -> tuple[Image.Image, str]:
         path = files[int(rng.integers(len(files)))]
         with Image.open(path) as im:
             return im.convert("L"), path.parent.name
 
-    return source
+    return FaceSource(draw)
 
 
 def background(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
@@ -117,16 +128,24 @@ def _overlaps(box: tuple[float, float, float, float], others: list[tuple[float, 
     )
 
 
-def make_scene(rng: np.random.Generator, faces: FaceSource, n_faces: int | None = None) -> Scene:
-    """One scene; ``n_faces`` None draws 0-3 with :data:`FACE_COUNT_P`."""
+def make_scene(
+    rng: np.random.Generator,
+    faces: FaceSource,
+    n_faces: int | None = None,
+    sizes: tuple[int, int] = FACE_SIZES,
+    rotated_share: float = ROTATED_SHARE,
+) -> Scene:
+    """One scene; ``n_faces`` None draws 0-3 with :data:`FACE_COUNT_P`; pasted sides are drawn
+    from ``sizes`` (inclusive), a ``rotated_share`` of the faces is rotated by 5-25 degrees."""
     if n_faces is None:
         n_faces = int(rng.choice(len(FACE_COUNT_P), p=FACE_COUNT_P))
     im = background(rng)
     scene = Scene(b"")
     placed: list[tuple[float, float, float, float]] = []
     for _ in range(n_faces):
-        size = int(rng.integers(FACE_SIZES[0], FACE_SIZES[1] + 1))
-        angle = float(rng.uniform(5, MAX_ROTATION_DEG) * rng.choice([-1, 1])) if rng.random() < ROTATED_SHARE else 0.0
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        rotated = rng.random() < rotated_share
+        angle = float(rng.uniform(5, MAX_ROTATION_DEG) * rng.choice([-1, 1])) if rotated else 0.0
         reach = size * (abs(math.cos(math.radians(angle))) + abs(math.sin(math.radians(angle))))
         margin = (reach - size) / 2 + 2
         for _attempt in range(50):
@@ -136,7 +155,7 @@ def make_scene(rng: np.random.Generator, faces: FaceSource, n_faces: int | None 
                 break
         else:
             continue  # no room left
-        face, label = faces(rng)
+        face, label = faces.draw(rng)
         face = face.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         mask = Image.new("L", (size, size), 255)
         if angle:
@@ -145,7 +164,8 @@ def make_scene(rng: np.random.Generator, faces: FaceSource, n_faces: int | None 
         cx, cy = x + size / 2, y + size / 2
         im.paste(face, (round(cx - face.width / 2), round(cy - face.height / 2)), mask)
         placed.append((x, y, size, angle))
-        scene.boxes.append((round(x), round(y), size, size))
+        side = size * faces.face_fraction
+        scene.boxes.append((round(cx - side / 2), round(cy - side / 2), round(side), round(side)))
         scene.labels.append(label)
         scene.angles.append(angle)
     buf = io.BytesIO()
