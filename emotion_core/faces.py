@@ -407,7 +407,7 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 
 class YuNet(FaceDetector):
-    crop_scale, crop_shift = 0.93, 0.047  # bench/faces_bench.py --calibrate, 300 FER scenes
+    crop_scale, crop_shift = 0.936, 0.048  # bench/faces_bench.py --calibrate, 300 FER scenes
 
     def __init__(self, score_threshold: float = 0.3, threads: int | None = 1):
         try:
@@ -460,7 +460,7 @@ class RetinaFace(FaceDetector):
     STRIDES = (8, 16, 32)
     SIZES = ((16, 32), (64, 128), (256, 512))
     MEAN_BGR = np.array([104, 117, 123], np.float32)
-    crop_scale, crop_shift = 0.94, 0.04  # bench/faces_bench.py --calibrate, 300 FER scenes
+    crop_scale, crop_shift = 0.928, 0.041  # bench/faces_bench.py --calibrate, 300 FER scenes
 
     def __init__(
         self,
@@ -536,7 +536,7 @@ def _retinaface_onnx() -> bytes:
 
 
 class Haar(FaceDetector):
-    crop_scale, crop_shift = 0.965, 0.082  # bench/faces_bench.py --calibrate, 300 FER scenes
+    crop_scale, crop_shift = 0.981, 0.082  # bench/faces_bench.py --calibrate, 300 FER scenes
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24):
         try:
