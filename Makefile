@@ -14,10 +14,10 @@ export RAY_ACCEPT_CPU_ONLY := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt cluster/build-constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "pip==$(PIP_VERSION)"
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt --build-constraint cluster/build-constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

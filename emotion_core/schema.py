@@ -30,6 +30,10 @@ TAIL_FIELDS: list[pa.Field] = [
     pa.field("width", pa.int32()),  # original image width; null if it could not be decoded
     pa.field("height", pa.int32()),
     pa.field("error", pa.string()),  # null when ok; else "<reason>: <detail>"
+    # Images packed in shards (WebDataset .tar, Parquet): the shard object and the member's name
+    # in it; null for plain image objects. Appended last, so older files read with nulls here.
+    pa.field("shard_uri", pa.string()),
+    pa.field("shard_member", pa.string()),
 ]
 
 

@@ -337,8 +337,14 @@ _short = short_error
 # Listing
 
 
+# What a listing keeps: images, and the shard files that pack them (WebDataset .tar, Parquet);
+# jobs.label's plan keeps the formats --input-format asks for.
+LISTED_EXTENSIONS = (*IMAGE_EXTENSIONS, ".tar", ".parquet")
+
+
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    """An image or image shard, by extension (case-insensitive): what listings keep."""
+    return name.lower().endswith(LISTED_EXTENSIONS)
 
 
 def local_etag(size: int, mtime_ns: int) -> str:

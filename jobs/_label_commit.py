@@ -1,18 +1,21 @@
 """Writing and committing a ``dt=`` partition exactly once (README: "Commit protocol").
 
-1. **Stage**: the run writes its Parquet files to ``<output>/_staging/<run_id>/``. Readers never
-   look there (Athena/Hive and pyarrow skip paths starting with ``_``; the table's partitions
-   are ``dt=*``). A run that crashes before step 2 leaves nothing where queries read.
-2. **Intent**: ``_staging/<run_id>/_COMMIT.json`` records the files to install, their final
+1. **Stage**: the run's actors and tasks write its Parquet files under
+   ``<output>/_staging/<run_id>/`` (``out/`` labelled rows, ``carry/`` carried-forward rows).
+   Readers never look there (Athena/Hive and pyarrow skip paths starting with ``_``; the table's partitions
+   are ``dt=*``). A run that crashes before step 3 leaves nothing where queries read.
+2. **Check**: the staged files' footers must add up to the planned rows, else nothing is
+   committed (a lost or duplicated unit can never be installed).
+3. **Intent**: ``_staging/<run_id>/_COMMIT.json`` records the files to install, their final
    names (``dt=<date>/part-<run_id>-NNNNN.parquet``) and the partition's old files. Writing it is
    the commit point: from then on the commit is rolled *forward*, by this run or, if it dies,
    by the next run on the same output (:func:`recover`).
-3. **Install**: move each staged file into ``dt=<date>/`` (a rename locally; copy + delete on
+4. **Install**: move each staged file into ``dt=<date>/`` (a rename locally; copy + delete on
    S3, which has no rename), then delete the old files, then write ``dt=<date>/_SUCCESS``
    (JSON: run_id, rows, the committed file names) and remove the staging directory. Every step
    is idempotent, so replaying the intent is safe.
 
-The one non-atomic window is step 3 while it runs (milliseconds to seconds: one copy per file of
+The one non-atomic window is step 4 while it runs (milliseconds to seconds: one copy per file of
 up to a million rows, then one delete per old file): a query listing the partition meanwhile
 can see the new and old files together. Readers that must never see that read the files named
 in ``_SUCCESS``. Re-running a date replaces its files, never adds to them.
@@ -26,20 +29,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from emotion_core import storage
+from emotion_core.schema import label_schema
+
+from ._cli import JobError
+from ._label_lock import try_lock
 
 STAGING = "_staging"
 RUNS = "_runs"
 INTENT = "_COMMIT.json"
 SUCCESS = "_SUCCESS"
 ABANDONED_AFTER_S = 24 * 3600  # uncommitted staging older than this is a crashed run's litter
+
+
+class CommitError(JobError):
+    """A commit that cannot be made or rolled forward; nothing new is visible to readers."""
 
 
 def partition_uri(output: str, date: str) -> str:
@@ -50,25 +62,51 @@ def staging_uri(output: str, run_id: str) -> str:
     return storage.join(output, STAGING, run_id)
 
 
-def write_staged(table: pa.Table, output: str, run_id: str, rows_per_file: int) -> list[str]:
-    """Write ``table`` as files of at most ``rows_per_file`` rows into the run's staging dir
-    (one file, possibly empty, at least, so an empty partition still carries the schema)."""
-    stage = staging_uri(output, run_id)
-    storage.makedirs(stage)
-    fs, _ = storage.filesystem(stage)
-    uris = []
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        uri = storage.join(stage, f"part-{run_id}-{i:05d}.parquet")
-        _, path = storage.filesystem(uri)
-        pq.write_table(
-            table.slice(start, rows_per_file),
-            path,
-            filesystem=fs,
-            compression="snappy",
-            row_group_size=128 * 1024,
-        )
-        uris.append(uri)
-    return uris
+def staged_rows(files: list[str], threads: int = 32) -> list[int]:
+    """Row counts of staged Parquet files, from their footers (one small read each)."""
+    def rows(uri: str) -> int:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        return list(pool.map(rows, files))
+
+
+def write_empty(stage: str, classes: list[str]) -> str:
+    """A Parquet file with no rows and the label schema, for an empty snapshot."""
+    from ._label_infer import write_parquet_atomic
+
+    uri = storage.join(stage, "out", "empty.parquet")
+    write_parquet_atomic(label_schema(list(classes)).empty_table(), uri)
+    return uri
+
+
+def check_units(units: list[dict], outputs: list[str], threads: int = 32) -> list[int]:
+    """Every planned work unit has exactly its own output, covering all of its listed objects
+    (from each output's footer: the unit it names and its object count); a unit of plain images
+    has one row per object. Returns each output's row count; raises :class:`CommitError`."""
+    from ._label_infer import OBJECTS_KEY, SHARDS_KEY, UNIT_KEY
+
+    def footer(uri: str):
+        fs, path = storage.filesystem(uri)
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+        except (FileNotFoundError, OSError) as e:
+            raise CommitError(f"work unit output {uri} is missing or unreadable ({e}); nothing committed") from e
+        return meta.num_rows, meta.metadata or {}
+
+    with ThreadPoolExecutor(max(1, min(threads, len(outputs) or 1))) as pool:
+        footers = list(pool.map(footer, outputs))
+    for unit, out, (rows, meta) in zip(units, outputs, footers):
+        name = unit["uri"].rsplit("/", 1)[-1]
+        objects, n_shards = int(meta.get(OBJECTS_KEY, -1)), int(meta.get(SHARDS_KEY, 0))
+        if meta.get(UNIT_KEY, b"").decode() != name or objects != unit["rows"] or (not n_shards and rows != objects):
+            raise CommitError(f"{out} does not cover work unit {name} ({unit['rows']} objects planned; it names "
+                              f"{meta.get(UNIT_KEY, b'?').decode()} with {objects} objects and {rows} rows); "
+                              "nothing committed")
+    return [rows for rows, _ in footers]
 
 
 def _files(uri: str) -> list[pafs.FileInfo]:
@@ -78,10 +116,14 @@ def _files(uri: str) -> list[pafs.FileInfo]:
 
 
 def commit(output: str, date: str, run_id: str, staged: list[str], rows: int) -> list[str]:
-    """Atomically-as-S3-allows replace partition ``dt=<date>`` with the staged files (module doc).
+    """Replace partition ``dt=<date>`` with the staged files, atomically as far as the store
+    allows (module doc), after checking from their footers that they hold exactly ``rows`` rows.
     Returns the committed file URIs."""
+    counted = sum(staged_rows(staged))
+    if counted != rows:
+        raise CommitError(f"the staged files hold {counted} rows, the plan {rows}; nothing committed")
     part = partition_uri(output, date)
-    names = [u.rsplit("/", 1)[-1] for u in staged]
+    names = [f"part-{run_id}-{i:05d}.parquet" for i in range(len(staged))]
     old = [i.base_name for i in _files(part) if i.base_name not in names and i.base_name != SUCCESS]
     intent = {
         "run_id": run_id,
@@ -99,13 +141,17 @@ def commit(output: str, date: str, run_id: str, staged: list[str], rows: int) ->
 
 def _apply(output: str, intent: dict) -> None:
     storage.makedirs(partition_uri(output, intent["date"]))
-    for src, dst in zip(intent["staged"], intent["final"]):
+
+    def install(pair: tuple[str, str]) -> None:
+        src, dst = pair
         if storage.exists(src):
             _move(src, dst)
         elif not storage.exists(dst):
-            raise RuntimeError(f"commit of run {intent['run_id']}: {src} is missing and {dst} was never installed")
-    for uri in intent["old"]:
-        _delete(uri)
+            raise CommitError(f"commit of run {intent['run_id']}: {src} is missing and {dst} was never installed")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(install, zip(intent["staged"], intent["final"])))
+        list(pool.map(_delete, intent["old"]))
     success = {
         "run_id": intent["run_id"],
         "rows": intent["rows"],
@@ -152,30 +198,126 @@ def _delete_tree(uri: str) -> None:
             client.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys, "Quiet": True})
 
 
-def recover(output: str, now: float | None = None) -> list[str]:
-    """Roll forward commits whose run died after its intent was written, and delete staging of
-    runs that died before committing once it is older than a day (younger ones may belong to a
-    run still in progress). Returns the run_ids rolled forward."""
+def recover(output: str, held_date: str, now: float, log=print) -> list[str]:
+    """Roll forward commits whose run died after writing its intent; returns their run ids.
+
+    Safe against live runs and never wedges the table:
+    - an intent is replayed only under its date's lock (``held_date``'s is the caller's), so
+      never while its owner still runs;
+    - an intent older than its partition's ``_SUCCESS`` (a later run committed since) is not
+      replayed, and one that cannot be rolled forward (a staged file lost) is not retried
+      forever: both are moved to ``_staging/_quarantine/<run_id>.json`` with the reason, logged;
+    - staging of runs that died before committing is deleted once its newest file is more than
+      a day plus an hour old; ``now`` is the store's clock (the lock's write time), so a skewed
+      local clock cannot delete a live run's files."""
     fs, root = storage.filesystem(storage.join(output, STAGING))
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
     newest: dict[str, float] = {}
-    intents = []
+    intents: dict[str, float] = {}
     for i in infos:
-        if i.type != pafs.FileType.File:
-            continue
         run_id = i.path[len(root) :].strip("/").split("/", 1)[0]
+        if i.type != pafs.FileType.File or run_id.startswith("_"):  # _locks, _quarantine
+            continue
         mtime = i.mtime.timestamp() if i.mtime else 0.0
         newest[run_id] = max(newest.get(run_id, 0.0), mtime)
-        if i.base_name == INTENT:
-            intents.append(run_id)
-    for run_id in intents:
+        if i.base_name == INTENT and i.path[len(root):].strip("/") == f"{run_id}/{INTENT}":
+            intents[run_id] = mtime
+    rolled = []
+    for run_id, written in sorted(intents.items()):
         intent = json.loads(storage.read_bytes(storage.join(staging_uri(output, run_id), INTENT)))
-        _apply(output, intent)
-    now = time.time() if now is None else now
+        lock = None if intent["date"] == held_date else try_lock(output, intent["date"], f"recovery-{run_id}")
+        if intent["date"] != held_date and lock is None:
+            log(f"[label] commit of run {run_id} (dt={intent['date']}) belongs to a live run; left to it")
+            continue
+        try:
+            stale = _newer_success(output, intent, written)
+            if stale:
+                _quarantine(output, run_id, intent, stale, log)
+                continue
+            _apply(output, intent)
+            rolled.append(run_id)
+        except CommitError as e:
+            _quarantine(output, run_id, intent, str(e), log)
+        finally:
+            if lock is not None:
+                lock.release()
     for run_id, mtime in newest.items():
-        if run_id not in intents and now - mtime > ABANDONED_AFTER_S:
+        if run_id not in intents and now - mtime > ABANDONED_AFTER_S + 3600:
             _delete_tree(staging_uri(output, run_id))
-    return intents
+    return rolled
+
+
+def _newer_success(output: str, intent: dict, written: float) -> str | None:
+    """Why the intent must not be replayed: the partition's ``_SUCCESS`` is from another, later
+    commit (by the store's timestamps)."""
+    uri = storage.join(partition_uri(output, intent["date"]), SUCCESS)
+    fs, path = storage.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File or not info.mtime or info.mtime.timestamp() <= written:
+        return None
+    run = json.loads(storage.read_bytes(uri)).get("run_id")
+    return None if run == intent["run_id"] else f"older than the partition's _SUCCESS of run {run}"
+
+
+def _quarantine(output: str, run_id: str, intent: dict, reason: str, log) -> None:
+    uri = storage.join(output, STAGING, "_quarantine", f"{run_id}.json")
+    storage.write_bytes(uri, json.dumps(dict(intent, quarantine_reason=reason), indent=1).encode())
+    _delete(storage.join(staging_uri(output, run_id), INTENT))
+    log(f"[label] commit of run {run_id} (dt={intent['date']}) cannot be rolled forward ({reason}); "
+        f"moved aside to {uri}")
+
+
+def count_staged(files: list[str]) -> dict:
+    """Rows, labels and error reasons of staged files, counted by Ray tasks; the driver merges one
+    small row per block."""
+    import ray
+
+    if not files:
+        return {"rows": 0, "labels": {}, "errors": {}, "error_rows": 0}
+    fs = storage.filesystem(files[0])[0]
+    paths = [storage.filesystem(f)[1] for f in files]
+    parts = ray.data.read_parquet(paths, filesystem=fs, columns=["label", "error"]) \
+        .map_batches(_count_block, batch_format="pyarrow").take_all()
+    labels: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    rows = 0
+    for p in parts:
+        rows += int(p["rows"])
+        for target, key in ((labels, "labels"), (errors, "errors")):
+            for k, v in json.loads(p[key]).items():
+                target[k] = target.get(k, 0) + v
+    return {"rows": rows, "labels": dict(sorted(labels.items())), "errors": dict(sorted(errors.items())),
+            "error_rows": sum(errors.values())}
+
+
+def _count_block(batch: pa.Table) -> pa.Table:
+    labels = pc.value_counts(batch["label"].drop_null()) if batch.num_rows else []
+    reasons = pc.value_counts(pc.replace_substring_regex(batch["error"].drop_null(), "(?s):.*", ""))
+    return pa.table({
+        "rows": [batch.num_rows],
+        "labels": [json.dumps({v["values"]: v["counts"] for v in (labels.to_pylist() if len(labels) else [])})],
+        "errors": [json.dumps({v["values"]: v["counts"] for v in reasons.to_pylist()})],
+    })
+
+
+def existing_files(directory: str) -> set[str]:
+    """Names of the files in a staging directory (one listing)."""
+    fs, path = storage.filesystem(directory)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+
+def previous_rows(output: str, date: str) -> int:
+    """Rows of the latest committed partition on or before ``date`` (0 when there is none)."""
+    fs, path = storage.filesystem(output)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    days = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                  and i.base_name.startswith("dt=") and i.base_name[3:] <= date)
+    for day in reversed(days):
+        success = storage.join(output, day, SUCCESS)
+        if storage.exists(success):
+            return int(json.loads(storage.read_bytes(success)).get("rows", 0))
+    return 0
 
 
 def write_run_summary(output: str, run_id: str, summary: dict) -> str:

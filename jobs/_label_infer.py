@@ -1,88 +1,45 @@
-"""The Ray Data stages of ``jobs.label``: read + decode, and inference in an actor pool.
+"""The labelling actor: one *work unit* per call, from listing rows to a Parquet file of labels.
 
-Data flow: a dataset of *object references* (listing rows, a few hundred to a few thousand per
-block) goes through
+A work unit is a Parquet file of listing rows in the run's staging area (``todo/<name>.parquet``,
+written by the plan). :class:`Labeller` is a Ray Data actor that loads the model once, and for
+each unit reads its rows, fetches the objects (many GETs in flight, or one GET per shard whose
+members are the images), decodes them with the shared :mod:`emotion_core.preprocess`, runs the
+model in batches, and writes the result rows, sorted by ``image_uri``, to
+``out/<name>.parquet``. It returns one small stats row per unit; result rows never travel to the
+driver. The output name is the unit's, so a retried unit overwrites its own file and never adds
+one, and a resumed run skips units whose output exists (writes are atomic: a local rename, or a
+single S3 PUT / completed multipart upload).
 
-* :func:`fetch_decode` (read the block's objects concurrently, decode with
-  :func:`emotion_core.preprocess.decode_batch`) -> small uint8 pixel arrays, and
-* :class:`Labeller`, an actor holding the model (loaded once per actor) -> result rows.
-
-Image bytes never cross a process boundary; only listing rows, 48x48 pixel arrays and result
-rows do. On CPU the two stages are *fused* into the actor (``fuse=True``): on a small node Ray's
-own processes already compete for the cores, and an extra hop per block costs more than it
-buys; on GPU they stay separate so CPU tasks decode while the GPU actor infers.
-
-Inference on CPU runs a ``torch.jit.trace`` + ``optimize_for_inference`` (oneDNN) version of the
-model with one thread per actor CPU; it is several times faster than eager for these small
-CNNs and is checked against the eager model on load (any mismatch or trace failure falls back
-to eager). On GPU: channels_last + fp16 autocast.
+Image bytes never cross a process boundary. On CPU the model runs traced and frozen (oneDNN,
+several times faster than eager for these small CNNs; checked against eager on load, falling
+back to eager on any mismatch); on GPU in fp16 autocast with channels_last. Memory per actor is
+bounded: ``chunk_rows`` images (or one shard, read whole, at most ``max_shard_bytes``) at a time.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
+import uuid
 import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
+from emotion_core import shards, storage
 from emotion_core.preprocess import InputSpec, decode_batch, normalize
-from emotion_core.schema import TIMESTAMP, prob_column
+from emotion_core.schema import TIMESTAMP, label_schema, prob_column
 
-from . import _label_io
-
-# Test-only fault injection: a directory; the first actor to get its second block kills its own
-# process (os._exit) once per directory, so Ray must restart it and retry the lost tasks.
-FAIL_ONCE_ENV = "EMOTION_LABEL_FAIL_ONCE"
-
-
-def pixels_to_column(pixels: np.ndarray) -> pa.Array:
-    """(N, C, H, W) uint8 -> fixed-size binary column, zero copy."""
-    n = pixels.shape[0]
-    width = int(np.prod(pixels.shape[1:]))
-    buf = pa.py_buffer(np.ascontiguousarray(pixels))
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, buf])
-
-
-def column_to_pixels(col, spec: InputSpec) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n, width = len(arr), arr.type.byte_width
-    flat = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + n) * width)
-    return flat[arr.offset * width :].reshape(n, spec.channels, spec.size, spec.size)
-
-
-def fetch_decode(batch: pa.Table, spec: InputSpec, threads: int = 32) -> pa.Table:
-    """Listing rows -> the same rows (metadata as read) + width, height, error, pixels."""
-    uris = batch["image_uri"].to_pylist()
-    datas, read_errors, metas = _label_io.fetch(uris, threads)
-    pixels, widths, heights, errors = decode_batch(datas, spec)
-    errors = [r or e for r, e in zip(read_errors, errors)]
-    widths = [None if r else w for r, w in zip(read_errors, widths)]
-    heights = [None if r else h for r, h in zip(read_errors, heights)]
-    etag, size, mtime = batch["etag"].to_pylist(), batch["size_bytes"].to_pylist(), batch["last_modified"]
-    mtime = mtime.cast(pa.int64()).to_pylist()
-    for i, m in enumerate(metas):
-        if m is not None:
-            etag[i], size[i], mtime[i] = m
-    return pa.table(
-        {
-            "image_uri": batch["image_uri"],
-            "etag": pa.array(etag, pa.string()),
-            "size_bytes": pa.array(size, pa.int64()),
-            "last_modified": pa.array(mtime, pa.int64()).cast(TIMESTAMP),
-            "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()),
-            "error": pa.array(errors, pa.string()),
-            "pixels": pixels_to_column(pixels),
-        }
-    )
+IMAGE_COLUMNS = ["image_uri", "shard_uri", "shard_member", "etag", "size_bytes", "last_modified"]
+UNIT_KEY, OBJECTS_KEY, SHARDS_KEY = b"emotion.unit", b"emotion.unit_objects", b"emotion.unit_shards"
 
 
 def fast_forward(model: torch.nn.Module, spec: InputSpec, device: torch.device, jit: bool = True):
-    """A callable float32 (N, C, H, W) -> logits, as fast as this device allows (see module doc)."""
+    """A callable float32 (N, C, H, W) -> logits, as fast as this device allows (module doc)."""
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
@@ -105,86 +62,200 @@ def fast_forward(model: torch.nn.Module, spec: InputSpec, device: torch.device, 
     return traced if ok else model
 
 
-def _maybe_fail_once(marker_dir: str | None) -> None:
-    """Kill this process unless another one already did so for ``marker_dir`` (test only)."""
-    if not marker_dir:
-        return
-    try:
-        fd = os.open(os.path.join(marker_dir, "crashed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(1)
-
-
 class Labeller:
-    """Ray Data actor: loads the model once, labels blocks (fetching + decoding them itself when
-    ``fuse``). Returns result rows: listing columns, label, confidence, probabilities, width,
-    height, error, labelled_at (the driver adds model_name/model_version/run_id)."""
+    """Ray Data actor over work units (module doc). Returns per unit: ``unit``, ``out``, ``rows``."""
 
     def __init__(
         self,
         model_uri: str,
         expected_version: str,
+        expected_sha256: str,
+        run_constants: dict,
+        out_dir: str,
         device: str = "cpu",
         threads: int = 1,
-        fuse: bool = True,
-        fetch_threads: int = 32,
-        infer_batch: int = 256,
+        fetch_threads: int = 48,
+        infer_batch: int = 64,
+        chunk_rows: int = 512,
+        max_object_bytes: int = 50 << 20,
+        max_shard_bytes: int = 1 << 30,
         jit: bool = True,
-        fail_once: str | None = None,
     ):
         from emotion_core.checkpoint import load_model
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        model, manifest = load_model(model_uri, device=self.device)
+        model, manifest = load_model(model_uri, device=self.device, expect_sha256=expected_sha256)
         if manifest.version != expected_version:
             raise RuntimeError(
                 f"{model_uri} changed during the run: version {manifest.version}, expected {expected_version}"
             )
         self.classes = list(manifest.classes)
+        self.schema = label_schema(self.classes)
         self.spec = manifest.input_spec
         self.forward = fast_forward(model, self.spec, self.device, jit)
-        self.fuse, self.fetch_threads, self.infer_batch = fuse, fetch_threads, infer_batch
-        self.fail_once, self.calls = fail_once, 0
+        self.constants = run_constants
+        self.out_dir = out_dir
+        self.fetch_threads, self.infer_batch, self.chunk_rows = fetch_threads, infer_batch, chunk_rows
+        self.max_object_bytes, self.max_shard_bytes = max_object_bytes, max_shard_bytes
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.calls += 1
-        if self.calls > 1:  # mid-run: after this actor already returned a block
-            _maybe_fail_once(self.fail_once)
-        if self.fuse:
-            batch = fetch_decode(batch, self.spec, self.fetch_threads)
-        pixels = column_to_pixels(batch["pixels"], self.spec)
-        ok = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
-        probs = np.zeros((batch.num_rows, len(self.classes)), dtype=np.float32)
+    def __call__(self, batch: dict) -> dict:
+        outs, rows = [], []
+        for unit in batch["unit"]:
+            out, n = self.label_unit(str(unit))
+            outs.append(out)
+            rows.append(n)
+        return {"unit": np.asarray(batch["unit"], dtype=object), "out": np.asarray(outs, dtype=object),
+                "rows": np.asarray(rows, dtype=np.int64)}
+
+    def label_unit(self, unit_uri: str) -> tuple[str, int]:
+        listing = pq.read_table(io.BytesIO(storage.read_bytes(unit_uri)))
+        parts = []
+        for start in range(0, listing.num_rows, self.chunk_rows):
+            chunk = listing.slice(start, self.chunk_rows)
+            is_shard = pc.fill_null(pc.is_in(chunk["format"], pa.array(["webdataset", "parquet"])), False)
+            loose = chunk.filter(pc.invert(is_shard))
+            if loose.num_rows:
+                parts.append(self.label_images(*self.read_loose(loose)))
+            for row in chunk.filter(is_shard).to_pylist():
+                parts.extend(self.label_images(*images) for images in self.read_shard(row))
+        table = pa.concat_tables(parts).sort_by("image_uri") if parts else self.schema.empty_table()
+        shard_rows = int(pc.sum(pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))).as_py() or 0)
+        name = unit_uri.rsplit("/", 1)[-1]
+        # What the commit checks: which unit this is, and how many listed objects (shards) it covered.
+        table = table.replace_schema_metadata({UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
+                                               SHARDS_KEY: str(shard_rows)})
+        out = storage.join(self.out_dir, name)
+        write_parquet_atomic(table, out)
+        return out, table.num_rows
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read_loose(self, listing: pa.Table) -> tuple[pa.Table, list]:
+        """Listing rows of plain image objects -> image rows (metadata as read) and their bytes."""
+        uris = listing["image_uri"].to_pylist()
+        reads = storage.read_objects(uris, self.fetch_threads, self.max_object_bytes)
+        listed_errors = listing["error"].to_pylist()
+        meta = {
+            "image_uri": uris,
+            "shard_uri": [None] * len(uris),
+            "shard_member": [None] * len(uris),
+            "etag": [_first(r.etag, e) for r, e in zip(reads, listing["etag"].to_pylist())],
+            "size_bytes": [_first(r.size, s) for r, s in zip(reads, listing["size_bytes"].to_pylist())],
+            "last_modified": [r.last_modified_ms for r in reads],
+            "error": [le or r.error for le, r in zip(listed_errors, reads)],
+        }
+        datas = [None if le else r.data for le, r in zip(listed_errors, reads)]
+        return _image_rows(meta, listing["last_modified"]), datas
+
+    def read_shard(self, row: dict):
+        """One shard object (one GET) -> image rows and bytes, ``chunk_rows`` members at a time."""
+        shard_uri = row["image_uri"]
+        read = storage.read_object(shard_uri, self.max_shard_bytes) if not row["error"] else None
+        error = row["error"] or read.error
+        etag = (read.etag if read else None) or row["etag"]
+        mtime = read.last_modified_ms if read and read.last_modified_ms is not None else _ms(row["last_modified"])
+        if error:  # the shard itself cannot be read: one error row names it
+            meta = {"image_uri": [shard_uri], "shard_uri": [shard_uri], "shard_member": [None], "etag": [etag],
+                    "size_bytes": [row["size_bytes"]], "last_modified": [mtime], "error": [error]}
+            yield _image_rows(meta), [None]
+            return
+        group: list = []
+        for member in shards.iter_members(read.data, row["format"], shard_uri):
+            group.append(member)
+            if len(group) == self.chunk_rows:
+                yield self._member_rows(group, shard_uri, etag, mtime)
+                group = []
+        if group:
+            yield self._member_rows(group, shard_uri, etag, mtime)
+
+    @staticmethod
+    def _member_rows(members: list, shard_uri: str, etag, mtime) -> tuple[pa.Table, list]:
+        n = len(members)
+        meta = {
+            "image_uri": [shards.member_uri(shard_uri, m.name) for m in members],
+            "shard_uri": [shard_uri] * n,
+            "shard_member": [m.name for m in members],
+            "etag": [etag] * n,
+            "size_bytes": [len(m.data) if m.data is not None else None for m in members],
+            "last_modified": [mtime] * n,
+            "error": [m.error for m in members],
+        }
+        return _image_rows(meta), [m.data for m in members]
+
+    # -- decoding and inference ----------------------------------------------------------------
+
+    def label_images(self, images: pa.Table, datas: list) -> pa.Table:
+        """Image rows + bytes -> result rows in the label schema (label/probabilities null on error)."""
+        pixels, widths, heights, decode_errors = decode_batch(datas, self.spec)
+        read_errors = images["error"].to_pylist()
+        errors = [r or d for r, d in zip(read_errors, decode_errors)]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        probs = np.zeros((len(errors), len(self.classes)), dtype=np.float32)
         idx = np.flatnonzero(ok)
         with torch.inference_mode():
             for start in range(0, len(idx), self.infer_batch):
                 rows = idx[start : start + self.infer_batch]
                 x = torch.from_numpy(pixels[rows]).to(self.device, non_blocking=True)
-                logits = self.forward(normalize(x, self.spec))
-                probs[rows] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return result_table(batch, probs, ok, self.classes)
+                probs[rows] = torch.softmax(self.forward(normalize(x, self.spec)).float(), dim=1).cpu().numpy()
+        widths = [None if r else w for r, w in zip(read_errors, widths)]
+        heights = [None if r else h for r, h in zip(read_errors, heights)]
+        return self.result_table(images, probs, ok, errors, widths, heights)
+
+    def result_table(self, images, probs, ok, errors, widths, heights) -> pa.Table:
+        n, bad = images.num_rows, ~ok
+        best = probs.argmax(axis=1).astype(np.int32) if n else np.zeros(0, np.int32)
+        cols = {c: images[c] for c in IMAGE_COLUMNS}
+        labels = pa.DictionaryArray.from_arrays(pa.array(best, mask=bad), pa.array(self.classes))
+        cols["label"] = labels.cast(pa.string())
+        cols["confidence"] = pa.array(probs[np.arange(n), best] if n else [], pa.float32(), mask=bad)
+        for j, c in enumerate(self.classes):
+            cols[prob_column(c)] = pa.array(probs[:, j], pa.float32(), mask=bad)
+        for name, value in self.constants.items():
+            cols[name] = pa.array([value] * n, pa.string())
+        cols["labelled_at"] = pa.array(np.full(n, int(time.time() * 1000), dtype=np.int64)).cast(TIMESTAMP)
+        cols["width"] = pa.array(widths, pa.int32())
+        cols["height"] = pa.array(heights, pa.int32())
+        cols["error"] = pa.array(errors, pa.string())
+        return pa.table({f.name: cols[f.name] for f in self.schema}).cast(self.schema)
 
 
-def result_table(batch: pa.Table, probs: np.ndarray, ok: np.ndarray, classes: list[str]) -> pa.Table:
-    """Decoded rows + probabilities -> result columns (label/confidence/probs null on error)."""
-    n = batch.num_rows
-    best = probs.argmax(axis=1).astype(np.int32) if n else np.zeros(0, np.int32)
-    bad = ~ok
-    label = pa.DictionaryArray.from_arrays(pa.array(best, mask=bad), pa.array(classes)).cast(pa.string())
-    conf = probs[np.arange(n), best] if n else np.zeros(0, np.float32)
-    cols = {c: batch[c] for c in ("image_uri", "etag", "size_bytes", "last_modified")}
-    cols["label"] = label
-    cols["confidence"] = pa.array(conf, pa.float32(), mask=bad)
-    for j, c in enumerate(classes):
-        cols[prob_column(c)] = pa.array(probs[:, j], pa.float32(), mask=bad)
-    cols.update({c: batch[c] for c in ("width", "height", "error")})
-    cols["labelled_at"] = pa.array(np.full(n, int(time.time() * 1000), dtype=np.int64)).cast(TIMESTAMP)
-    return pa.table(cols)
+def _first(value, fallback):
+    """The value as read when there is one, else as listed."""
+    return value if value is not None else fallback
 
 
-def empty_result(classes: list[str]) -> pa.Table:
-    decoded = fetch_decode(_label_io.LISTING_SCHEMA.empty_table(), InputSpec())
-    return result_table(decoded, np.zeros((0, len(classes)), np.float32), np.zeros(0, bool), classes)
+def _ms(value) -> int | None:
+    if value is None:
+        return None
+    return int(value.timestamp() * 1000) if hasattr(value, "timestamp") else int(value)
+
+
+def _image_rows(meta: dict, listed_mtime: pa.ChunkedArray | None = None) -> pa.Table:
+    mtimes = meta["last_modified"]
+    if listed_mtime is not None:
+        listed = listed_mtime.cast(pa.int64()).to_pylist()
+        mtimes = [m if m is not None else lm for m, lm in zip(mtimes, listed)]
+    return pa.table({
+        "image_uri": pa.array(meta["image_uri"], pa.string()),
+        "shard_uri": pa.array(meta["shard_uri"], pa.string()),
+        "shard_member": pa.array(meta["shard_member"], pa.string()),
+        "etag": pa.array(meta["etag"], pa.string()),
+        "size_bytes": pa.array(meta["size_bytes"], pa.int64()),
+        "last_modified": pa.array(mtimes, pa.int64()).cast(TIMESTAMP),
+        "error": pa.array(meta["error"], pa.string()),
+    })
+
+
+def write_parquet_atomic(table: pa.Table, uri: str) -> None:
+    """Write one Parquet file so that readers see all of it or nothing: a temp file renamed into
+    place locally; on S3 a single PUT (or a completed multipart upload) is already atomic."""
+    loc = storage.parse(uri)
+    fs, path = storage.filesystem(uri)
+    if loc.is_s3:
+        pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=128 * 1024)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp, compression="snappy", row_group_size=128 * 1024)
+    os.replace(tmp, path)

@@ -1,148 +1,176 @@
-"""Incremental planning for ``jobs.label --incremental``.
+"""Planning a labelling run, as distributed data: what to label, and what to carry forward.
 
-Semantics (README: "Incremental runs"):
+Inputs are the listing shards (Parquet, written by :mod:`jobs._listing`); outputs are Parquet
+files in the run's staging area, written by Ray tasks, never gathered on the driver:
 
-* The *previous state* of an object is its latest row in the output table: across all ``dt=``
-  partitions, the row with the greatest ``dt`` (then ``labelled_at``).
-* An object is **skipped** when that latest row has the same ``etag`` (unchanged object), the
-  same ``model_version`` (same model) and no ``error``. Everything else is labelled: new and
-  changed objects, objects labelled by another model version, and previous error rows (errors
-  may be transient, e.g. a read that failed).
-* Skipped objects are **carried forward**: their previous rows (unchanged, with their original
-  ``run_id`` and ``labelled_at``) are copied into the new partition, so every ``dt=`` partition
-  is a complete snapshot holding exactly one row per listed object, incremental or not, and
-  ``WHERE dt = '<latest>'`` is the current state of the bucket. Objects no longer listed are not
-  carried forward.
+* ``todo/todo-<hash>.parquet``: *work units* of at most ``unit_rows`` listing rows (plus a
+  ``format`` column: ``images``, ``webdataset`` or ``parquet``), one actor call each;
+* ``carry/carry-<hash>.parquet``: with ``--incremental``, the previous rows of unchanged objects,
+  already in the label schema, committed as they are.
 
-Planning scales: only ``image_uri, etag, model_version, error, labelled_at`` (+ the ``dt``
-partition key) are read, with ``pyarrow.dataset`` (column projection, and a filter to the listed
-URIs evaluated while scanning); the latest row per object is found by one Arrow sort, and the
-listing is matched with ``pyarrow.compute.index_in``, no Python loop over rows. One million
-labelled rows plan in seconds and a few hundred MB.
+File names are a hash of their content (first and last key, row count), so a retried task
+rewrites its own file. The driver keeps only ``(file, rows)`` pairs: O(files), not O(objects).
+
+Incremental semantics (README, "Incremental runs"). Every partition is a full snapshot, so the
+previous state is the latest partition on or before ``--date`` only. The unit of change is the
+listed object: a plain image, or a whole shard (its members' rows carry the shard's ``etag``).
+An object is unchanged when the previous partition has rows for it with the same ``etag`` and the
+same ``model_version`` and none of them is a read error (``not_found``/``read_failed``/...:
+transient, so labelled again); decode errors of unchanged bytes are data and are carried. Both
+sides are matched with Ray Data hash joins on ``(object, etag)``: ``left_anti`` gives the work
+units, ``left_semi`` the carried rows. Objects no longer listed drop out of the new snapshot.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import ray
 
-from emotion_core import storage
-from emotion_core.schema import PARTITION_COLUMN, TIMESTAMP, label_schema
+from emotion_core import shards, storage
+from emotion_core.schema import PARTITION_COLUMN, label_schema
 
-from ._label_io import LISTING_SCHEMA, first_of_runs
+from ._label_commit import SUCCESS, partition_uri
+from ._label_infer import write_parquet_atomic
 
-PLAN_FIELDS = [
-    pa.field("image_uri", pa.string()),
-    pa.field("etag", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("labelled_at", TIMESTAMP),
-]
-_DT = pa.field(PARTITION_COLUMN, pa.string())
-_EMPTY_SKIP = pa.schema([pa.field("image_uri", pa.string()), _DT]).empty_table()
+PLAN_FILE = "plan.json"
+FORMATS = shards.FORMATS
 
 
 @dataclass
 class Plan:
-    todo: pa.Table  # listing rows to label (LISTING_SCHEMA, sorted by image_uri)
-    skipped: pa.Table  # image_uri + dt of the previous row to carry forward
-    scanned_rows: int  # previous rows read from the output (after the URI filter)
-    seconds: float = 0.0
+    listed: int
+    units: list[dict] = field(default_factory=list)  # [{"uri", "rows"}] work units
+    carried: list[dict] = field(default_factory=list)  # [{"uri", "rows"}] carried-forward rows
+    previous: str | None = None  # the dt= partition used as the previous state
+
+    @property
+    def todo_rows(self) -> int:
+        return sum(u["rows"] for u in self.units)
+
+    @property
+    def carried_rows(self) -> int:
+        return sum(c["rows"] for c in self.carried)
+
+    def save(self, stage: str) -> None:
+        storage.write_bytes(storage.join(stage, PLAN_FILE), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
-    def everything(cls, listing: pa.Table) -> Plan:
-        """The plan of a full (non-incremental) run: label every listed object."""
-        return cls(listing, _EMPTY_SKIP, 0)
+    def load(cls, stage: str) -> Plan | None:
+        uri = storage.join(stage, PLAN_FILE)
+        return cls(**json.loads(storage.read_bytes(uri))) if storage.exists(uri) else None
 
 
-def output_dataset(output_uri: str, fields: list[pa.Field]) -> pads.Dataset | None:
-    """The committed label files under ``output_uri`` (``dt=*/*.parquet``; never ``_staging`` or
-    ``_runs``), read with ``fields`` as the schema: other columns are never read, columns a file
-    lacks read as null."""
-    fs, path = storage.filesystem(output_uri)
+def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str, date: str, classes: list[str],
+              model_version: str, incremental: bool, input_format: str, unit_rows: int) -> Plan:
+    """Write the work units (and carried rows) under ``stage``; see the module doc."""
+    plan = Plan(listed=listed)
+    if listed == 0:
+        return plan
+    listing = ray.data.read_parquet(listing_shards, filesystem=storage.filesystem(stage)[0])
+    listing = listing.map_batches(add_format, fn_kwargs={"input_format": input_format}, batch_format="pyarrow")
+    previous = previous_partition(output, date) if incremental else None
+    if previous is not None:
+        plan.previous, files = previous
+        prev = ray.data.read_parquet(files, filesystem=storage.filesystem(output)[0])
+        prev = prev.map_batches(carryable, fn_kwargs={"classes": classes, "model_version": model_version},
+                                batch_format="pyarrow")
+        parts = max(2, math.ceil(listed / 250_000))
+        keys = prev.select_columns(["object_uri", "etag"])
+        listing = listing.join(keys, "left_anti", parts, on=("image_uri", "etag"), right_on=("object_uri", "etag"))
+        carried = prev.join(ray.data.read_parquet(listing_shards, filesystem=storage.filesystem(stage)[0])
+                            .select_columns(["image_uri", "etag"]),
+                            "left_semi", parts, on=("object_uri", "etag"), right_on=("image_uri", "etag"))
+        carried = carried.drop_columns(["object_uri"])
+        plan.carried = write_files(carried, storage.join(stage, "carry"), "carry", unit_rows * 4, label_schema(classes))
+    plan.units = write_files(listing, storage.join(stage, "todo"), "todo", unit_rows)
+    return plan
+
+
+def limit_listing(listing, n: int, directory: str):
+    """The first ``n`` rows of a listing (any n rows: the listing has no global order), as one
+    shard; for demos and benchmarks."""
+    from ._listing import ListingResult
+
+    fs = storage.filesystem(directory)[0]
+    written = write_files(ray.data.read_parquet(listing.shards, filesystem=fs).limit(n), directory, "listing", n)
+    return ListingResult(shards=[w["uri"] for w in written], rows=sum(w["rows"] for w in written))
+
+
+def add_format(batch: pa.Table, input_format: str) -> pa.Table:
+    """The ``format`` of each listed object (images, or a shard format), keeping only what
+    ``--input-format`` asks for (``auto``: by extension, all of them)."""
+    formats = [shards.detect_format(u) for u in batch["image_uri"].to_pylist()]
+    if input_format != "auto":
+        formats = [f if f == input_format else None for f in formats]
+    batch = batch.append_column("format", pa.array(formats, pa.string()))
+    return batch.filter(pc.is_valid(batch["format"]))
+
+
+def carryable(batch: pa.Table, classes: list[str], model_version: str) -> pa.Table:
+    """Previous rows that may be carried forward (module doc), in the label schema, plus the
+    ``object_uri`` they were listed as (the shard for a member, else the image)."""
+    batch = conform(batch, label_schema(classes))
+    reason = pc.replace_substring_regex(pc.fill_null(batch["error"], ""), "(?s):.*", "")
+    read_error = pc.is_in(reason, value_set=pa.array(list(storage.READ_ERROR_KINDS), pa.string()))
+    keep = pc.and_(pc.equal(batch["model_version"], model_version), pc.invert(read_error))
+    batch = batch.filter(pc.fill_null(keep, False))
+    return batch.append_column("object_uri", pc.coalesce(batch["shard_uri"], batch["image_uri"]))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order and types; columns it lacks (older files) are null."""
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def write_files(ds: ray.data.Dataset, directory: str, prefix: str, rows: int, schema: pa.Schema | None = None):
+    """Write ``ds`` as Parquet files of at most ``rows`` rows, each sorted by ``image_uri`` and
+    named by its content; returns ``[{"uri", "rows"}]`` sorted by name."""
+    written = ds.map_batches(_write_file, batch_size=rows, batch_format="pyarrow",
+                             fn_kwargs={"directory": directory, "prefix": prefix, "schema": schema}).take_all()
+    return sorted(({"uri": w["uri"], "rows": int(w["rows"])} for w in written), key=lambda w: w["uri"])
+
+
+def _write_file(batch: pa.Table, directory: str, prefix: str, schema: pa.Schema | None) -> pa.Table:
+    if batch.num_rows == 0:
+        return pa.table({"uri": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+    batch = batch.sort_by("image_uri")
+    if schema is not None:
+        batch = conform(batch, schema)
+    keys = batch["image_uri"]
+    digest = hashlib.sha1(f"{keys[0]}\x00{keys[-1]}\x00{batch.num_rows}".encode()).hexdigest()[:20]
+    uri = storage.join(directory, f"{prefix}-{digest}.parquet")
+    write_parquet_atomic(batch, uri)
+    return pa.table({"uri": [uri], "rows": pa.array([batch.num_rows], pa.int64())})
+
+
+def previous_partition(output: str, date: str) -> tuple[str, list[str]] | None:
+    """The latest committed ``dt=`` partition on or before ``date`` and its files (from its
+    ``_SUCCESS``; every file of the directory for partitions written without one)."""
+    fs, path = storage.filesystem(output)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
-        raise storage.StorageError(f"cannot read output {output_uri}: {e}") from e
-    files = [
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.endswith(".parquet")
-        and i.path[len(path) :].strip("/").count("/") == 1  # <output>/dt=.../file.parquet
-        and i.path[len(path) :].strip("/").startswith(f"{PARTITION_COLUMN}=")
-    ]
-    if not files:
+        raise storage.StorageError(f"cannot list output {output}: {storage.short_error(e)}") from e
+    days = sorted(i.base_name.split("=", 1)[1] for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{PARTITION_COLUMN}="))
+    days = [d for d in days if d <= date]
+    if not days:
         return None
-    return pads.dataset(
-        sorted(files),
-        filesystem=fs,
-        format="parquet",
-        schema=pa.schema([*fields, _DT]),
-        partitioning=pads.partitioning(pa.schema([_DT]), flavor="hive"),
-        partition_base_dir=path,
-    )
-
-
-def latest_rows(table: pa.Table) -> pa.Table:
-    """The latest row per image_uri (greatest dt, then labelled_at), sorted by image_uri."""
-    if table.num_rows == 0:
-        return table
-    table = table.sort_by([("image_uri", "ascending"), (PARTITION_COLUMN, "descending"), ("labelled_at", "descending")])
-    return table.filter(first_of_runs(table["image_uri"]))
-
-
-def plan_incremental(listing: pa.Table, output_uri: str, model_version: str) -> Plan:
-    """Split ``listing`` into what to label and what to carry forward (see module doc)."""
-    t0 = time.perf_counter()
-    dataset = output_dataset(output_uri, PLAN_FIELDS)
-    if dataset is None or listing.num_rows == 0:
-        return Plan(listing, _EMPTY_SKIP, 0, time.perf_counter() - t0)
-    prev = dataset.to_table(filter=pc.field("image_uri").isin(listing["image_uri"]))
-    scanned = prev.num_rows
-    latest = latest_rows(prev)
-    good = latest.filter(
-        pc.and_(pc.equal(latest["model_version"], model_version), pc.is_null(latest["error"]))
-    )
-    idx = pc.index_in(listing["image_uri"], value_set=good["image_uri"])
-    prev_etag = good["etag"].take(idx)
-    skip = pc.fill_null(pc.equal(listing["etag"], prev_etag), False)
-    todo = listing.filter(pc.invert(skip)).cast(LISTING_SCHEMA)
-    skipped = pa.table(
-        {
-            "image_uri": listing["image_uri"].filter(skip),
-            PARTITION_COLUMN: good[PARTITION_COLUMN].take(idx).filter(skip),
-        }
-    )
-    return Plan(todo, skipped, scanned, time.perf_counter() - t0)
-
-
-def _pair_key(uri, dt) -> pa.ChunkedArray:
-    return pc.binary_join_element_wise(dt, uri, "\x00")
-
-
-def carry_forward(output_uri: str, skipped: pa.Table, classes: list[str]) -> pa.Table:
-    """The previous rows of skipped objects (exactly the (image_uri, dt) rows chosen by the plan),
-    in ``label_schema(classes)``."""
-    schema = label_schema(classes)
-    if skipped.num_rows == 0:
-        return schema.empty_table()
-    dataset = output_dataset(output_uri, list(schema))
-    dts = pc.unique(skipped[PARTITION_COLUMN])
-    rows = dataset.to_table(
-        filter=pc.field(PARTITION_COLUMN).isin(dts) & pc.field("image_uri").isin(skipped["image_uri"])
-    )
-    want = _pair_key(skipped["image_uri"], skipped[PARTITION_COLUMN])
-    rows = rows.filter(pc.is_in(_pair_key(rows["image_uri"], rows[PARTITION_COLUMN]), value_set=want))
-    rows = latest_rows(rows)
-    if rows.num_rows != skipped.num_rows:
-        raise RuntimeError(
-            f"carry-forward found {rows.num_rows} of {skipped.num_rows} previous rows: the output changed "
-            "during the run (another run committing to it?); re-run"
-        )
-    return rows.drop_columns([PARTITION_COLUMN]).cast(schema)
+    part = partition_uri(output, days[-1])
+    success = storage.join(part, SUCCESS)
+    if storage.exists(success):
+        names = json.loads(storage.read_bytes(success))["files"]
+    else:
+        pfs, ppath = storage.filesystem(part)
+        names = [i.base_name for i in pfs.get_file_info(pafs.FileSelector(ppath)) if i.base_name.endswith(".parquet")]
+    files = [storage.filesystem(storage.join(part, n))[1] for n in sorted(names)]
+    return (days[-1], files) if files else None

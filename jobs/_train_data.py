@@ -134,17 +134,13 @@ def _list_local_dir(root: str) -> list[tuple[str, str, int]]:
 
 def _list_s3(uri: str) -> list[tuple[str, str, int]]:
     loc = storage.parse(uri)
-    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-    client = storage.s3_client()
-    out = []
+    prefix = loc.prefix if loc.key else ""
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                out.append((f"s3://{loc.bucket}/{key}", key[len(prefix) :], int(obj.get("Size", 0))))
-    except Exception as e:  # botocore errors: no such bucket, access denied, endpoint down
-        raise DataError(f"cannot list {uri}: {storage._short(e)}") from e
-    return out
+        listing = storage.list_objects(storage.s3_uri(loc.bucket, prefix)).sort_by("image_uri")
+    except storage.StorageError as e:  # no such bucket, access denied, endpoint down
+        raise DataError(f"cannot list {uri}: {e}") from e
+    return [(u, storage.parse(u).key[len(prefix):], int(n or 0))
+            for u, n in zip(listing["image_uri"].to_pylist(), listing["size_bytes"].to_pylist())]
 
 
 def _list_zip(data: bytes, name: str) -> list[tuple[str, str, int]]:
@@ -338,19 +334,9 @@ def _decode_block(batch: dict, spec: dict) -> dict:
 
     data = list(batch["data"])
     missing = [i for i, d in enumerate(data) if d is None]
-    if missing:  # S3 objects: fetch in parallel threads inside this task
-        client = storage.s3_client()
-
-        def get(uri: str) -> bytes | None:
-            loc = storage.parse(uri)
-            try:
-                return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-            except Exception:  # noqa: BLE001 - an unreadable object is an error row, not a crash
-                return None
-
-        with ThreadPoolExecutor(16) as pool:
-            for i, blob in zip(missing, pool.map(get, [batch["uri"][i] for i in missing])):
-                data[i] = blob
+    if missing:  # S3 objects: read in parallel threads inside this task (an unreadable one is an error row)
+        for i, read in zip(missing, storage.read_objects([batch["uri"][i] for i in missing], threads=16)):
+            data[i] = read.data
     pixels, _, _, errors = decode_batch(data, InputSpec.from_dict(spec))
     return {
         "image": pixels,

@@ -32,43 +32,27 @@ import re
 import sys
 import time
 
+import pyarrow.compute as pc
+
 from emotion_core import shards, storage
 
-from . import _label_io
+from . import _cli
+from ._cli import JobError, UsageError
 
 PACK_FORMATS = ("webdataset", "parquet")
 _SHARD_NAME = re.compile(r"shard-\d{6,}\.(tar|parquet)")
-
-
-class UsageError(ValueError):
-    """Bad arguments or inputs: one line on stderr, exit 2."""
 
 
 class PackError(RuntimeError):
     """An object that could not be read (an outage, not bad data): the shard is not written."""
 
 
-class PackFailed(RuntimeError):
+class PackFailed(JobError):
     """A shard task failed for good (exit 1); shards written so far stay and a re-run overwrites them."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default adds the usage)
-        print(f"jobs.pack: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-# Listing and reading: the one place to swap for emotion_core.storage's functions.
-def list_objects(input_uri: str):
-    return _label_io.list_inputs([input_uri])
-
-
-def read_objects(uris: list[str], threads: int):
-    return _label_io.fetch(uris, threads)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m jobs.pack", description=__doc__.split("\n\n")[0])
+    p = _cli.ArgumentParser(prog="python -m jobs.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, metavar="URI", help="local directory or s3://bucket/prefix of images")
     p.add_argument("--output", required=True, metavar="URI", help="where the shards go, local or s3://")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
@@ -110,15 +94,14 @@ def shard_uri(output: str, index: int, n_shards: int, fmt: str) -> str:
 
 def build_shard(uris: list[str], names: list[str], out_uri: str, fmt: str, threads: int) -> dict:
     """Read the objects and write one shard (runs in a Ray task). Returns its counts."""
-    datas, errors, _ = read_objects(uris, threads)
     members, missing = [], 0
-    for uri, name, data, error in zip(uris, names, datas, errors):
-        if error and error.startswith("not_found"):
+    for uri, name, read in zip(uris, names, storage.read_objects(uris, threads)):
+        if read.error and read.error.startswith(storage.NOT_FOUND):
             missing += 1
-        elif error:
-            raise PackError(f"{uri}: {error}")
+        elif read.error:
+            raise PackError(f"{uri}: {read.error}")
         else:
-            members.append((name, data))
+            members.append((name, read.data))
     members.sort(key=lambda m: (shards.webdataset_key(m[0]), m[0]))
     blob = shards.write_webdataset(members) if fmt == "webdataset" else shards.write_parquet_shard(members)
     storage.write_bytes(out_uri, blob)
@@ -143,19 +126,6 @@ def remove_stale_shards(output: str, keep: set[str]) -> list[str]:
     return removed
 
 
-def init_ray() -> bool:
-    """Reuse an initialised Ray; else connect to RAY_ADDRESS or start an embedded one.
-    Returns True when this call started (and so must stop) Ray."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, configure_logging=False)
-    return True
-
-
 def run_tasks(plan: list[tuple[list[str], list[str], str]], args) -> list[dict]:
     """One Ray task per shard, at most about two per CPU in flight so the driver's object store
     use stays bounded; results in shard order."""
@@ -175,16 +145,18 @@ def run_tasks(plan: list[tuple[list[str], list[str], str]], args) -> list[dict]:
     return [results[i] for i in range(len(plan))]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     check_args(args)
     try:
         storage.check_writable(args.output)
-        listing = list_objects(args.input)
-    except (_label_io.ListingError, storage.StorageError) as e:
+        listing = storage.list_objects(args.input)
+    except storage.StorageError as e:
         raise UsageError(str(e)) from None
-    uris = listing["image_uri"].to_pylist()
-    sizes = listing["size_bytes"].to_pylist()
+    listing = listing.filter(pc.invert(pc.is_valid(listing["error"]))).sort_by("image_uri")
+    uris = [u for u in listing["image_uri"].to_pylist() if shards.detect_format(u) == "images"]
+    sizes = dict(zip(listing["image_uri"].to_pylist(), listing["size_bytes"].to_pylist()))
+    sizes = [sizes[u] for u in uris]
     if not uris:
         raise UsageError(f"no images under {args.input}")
     names = relative_names(uris, args.input)
@@ -196,20 +168,16 @@ def run(args: argparse.Namespace) -> int:
         if listed > args.max_shard_bytes:
             raise UsageError(f"shard {i} would hold {listed} bytes > --max-shard-bytes {args.max_shard_bytes}: "
                              f"use a smaller --shard-size")
-        plan.append((uris[i * n:(i + 1) * n], names[i * n:(i + 1) * n], shard_uri(args.output, i, n_shards, args.format)))
+        out = shard_uri(args.output, i, n_shards, args.format)
+        plan.append((uris[i * n:(i + 1) * n], names[i * n:(i + 1) * n], out))
     print(f"[pack] {len(uris)} objects under {args.input} -> {n_shards} {args.format} shard(s) of up to {n} "
           f"in {args.output}", flush=True)
 
-    started = init_ray()
+    _cli.init_ray()
     try:
         results = run_tasks(plan, args)
     except Exception as e:  # ray.exceptions.RayTaskError after --max-retries: nothing half-done is kept
         raise PackFailed(f"a shard task failed after {args.max_retries} retries: {_first_line(e)}") from e
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     removed = remove_stale_shards(args.output, {out for _, _, out in plan})
     seconds = time.perf_counter() - t0
     summary = {
@@ -229,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[pack] {summary['objects']} objects -> {summary['shards']} shards, {summary['bytes']} bytes, "
           f"{summary['seconds']:.1f} s ({summary['missing']} deleted after listing, "
           f"{summary['stale_shards_removed']} stale shards removed)", flush=True)
-    return 0
+    return summary
 
 
 def _first_line(e: BaseException) -> str:
@@ -239,14 +207,7 @@ def _first_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"jobs.pack: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except PackFailed as e:
-        print(f"jobs.pack: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    return _cli.run_main("jobs.pack", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from PIL import Image
 
 from emotion_core import storage
 from emotion_core.schema import label_schema
-from jobs import _label_infer, label
+from jobs import label
 from tests.helpers import encode, face, face_jpeg, put_tree, save_untrained_model
 
 DATE = "2024-05-01"
@@ -130,7 +130,8 @@ def test_s3_images_to_s3_parquet_with_odd_and_broken_images(ray_session, s3_buck
     }
     assert sum(s["labels"].values()) == len(images) - 4
     assert s["model"]["version"] == manifest.version and s["files"] and s["images_per_s"] > 0
-    assert s["files"] == [f"{output}/dt={DATE}/part-e2e-00000.parquet"]
+    assert s["files"] == [f"{output}/dt={DATE}/part-e2e-{i:05d}.parquet" for i in range(s["work_units"])]
+    assert s["driver_peak_rss_mb"] > 0 and set(s["seconds"]) >= {"list", "plan", "label_write", "commit"}
 
 
 def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_path):
@@ -146,7 +147,8 @@ def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_pa
     t = read_partition(out)
     assert t.num_rows == 9 and len(set(t["image_uri"].to_pylist())) == 9
     assert set(t["run_id"].to_pylist()) == {"r2"} and s1["rows"] == s2["rows"] == 9
-    assert sorted(os.listdir(os.path.join(out, f"dt={DATE}"))) == ["_SUCCESS", "part-r2-00000.parquet"]
+    assert sorted(os.listdir(os.path.join(out, f"dt={DATE}"))) == ["_SUCCESS"] + [
+        f"part-r2-{i:05d}.parquet" for i in range(s2["work_units"])]
 
     # The bucket grows: two new images, one rewritten; the broken one is still broken.
     put_tree(src, {"new1.png": encode(face("sad", 50), "PNG"), "sub/new2.jpg": face_jpeg("sad", 51)})
@@ -157,39 +159,133 @@ def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_pa
 
     s3 = run_label(*common[:-2], "--date", "2024-05-02", "--run-id", "r3", "--incremental",
                    "--min-actors", "1", "--max-actors", "2")  # an autoscaling pool works too
-    assert (s3["processed"], s3["skipped"], s3["rows"]) == (4, 7, 11)
+    assert (s3["processed"], s3["skipped"], s3["rows"]) == (3, 8, 11)  # the broken image is data: carried
     t = read_partition(out, "2024-05-02")
     rows = {os.path.relpath(r["image_uri"], src): r for r in t.to_pylist()}
     assert len(rows) == t.num_rows == 11  # a complete snapshot, exactly once
-    assert {k for k, r in rows.items() if r["run_id"] == "r3"} == {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"}
-    assert all(
-        r["run_id"] == "r2" for k, r in rows.items() if k not in {"new1.png", "sub/new2.jpg", "03.png", "broken.jpg"}
-    )
+    assert {k for k, r in rows.items() if r["run_id"] == "r3"} == {"new1.png", "sub/new2.jpg", "03.png"}
+    assert all(r["run_id"] == "r2" for k, r in rows.items() if k not in {"new1.png", "sub/new2.jpg", "03.png"})
+    assert rows["broken.jpg"]["error"].startswith("truncated")
     assert t.schema == label_schema(["happy", "sad"])
     assert read_partition(out).num_rows == 9  # the older partition is untouched
 
-    # Nothing changed: only the error row is retried; a second incremental run of the same date replaces.
+    # Nothing changed: everything is carried, the broken image too (the same bytes decode the same
+    # way: data, not a transient error); a second incremental run of the same date replaces.
     s4 = run_label(*common, "--date", "2024-05-02", "--run-id", "r4", "--incremental")
-    assert (s4["processed"], s4["skipped"], s4["rows"]) == (1, 10, 11)
+    assert (s4["processed"], s4["skipped"], s4["rows"]) == (0, 11, 11)
     assert read_partition(out, "2024-05-02").num_rows == 11
+    # An object that could not be read (here: deleted, then back) is labelled again, not carried.
+    os.remove(os.path.join(src, "00.png"))
+    s5 = run_label(*common, "--date", "2024-05-03", "--run-id", "r5", "--incremental", "--max-error-fraction", "1")
+    assert (s5["rows"], s5["processed"]) == (10, 0)  # no longer listed: it drops out of the snapshot
 
 
-def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path, monkeypatch):
-    model, _ = save_untrained_model(
-        str(tmp_path / "model"), ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
-    )
-    src = str(tmp_path / "images")
-    put_tree(src, {f"{c}/{i}.jpg": face_jpeg(c, i) for c in ("fear", "neutral", "surprise") for i in range(10)})
-    marker = tmp_path / "fault"
-    marker.mkdir()
-    monkeypatch.setenv(_label_infer.FAIL_ONCE_ENV, str(marker))
+def _kill_when(predicate, class_fragment: str, timeout: float = 120.0) -> dict:
+    """In a thread: once ``predicate()`` holds, SIGKILL one live actor whose class name contains
+    ``class_fragment`` (its pid from Ray's State API). Returns a dict the caller reads after."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    seen: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not seen:
+            if predicate():
+                for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+                    if class_fragment in (a.class_name or "") and a.pid:
+                        seen["at"] = predicate()
+                        os.kill(a.pid, signal.SIGKILL)
+                        seen["pid"] = a.pid
+                        return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, s3_bucket, tmp_path):
+    """A labelling actor is SIGKILLed after it wrote some units: Ray restarts it and retries the
+    unit it was on, which rewrites its own file. Every image is in the partition exactly once."""
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["fear", "neutral", "surprise"])
+    src = f"s3://{s3_bucket}/in"
+    put_tree(src, {f"{c}/{i}.jpg": face_jpeg(c, i) for c in ("fear", "neutral", "surprise") for i in range(60)})
     out = str(tmp_path / "labels")
+    done = os.path.join(out, "_staging", "crash", "out")
+    killed = _kill_when(lambda: os.path.isdir(done) and len(os.listdir(done)) or 0, "Labeller")
     s = run_label("--input", src, "--model", model, "--output", out, "--date", DATE, "--run-id", "crash",
-                  "--actors", "2", "--block-rows", "4")
-    assert (marker / "crashed").exists(), "the fault was not injected"
+                  "--actors", "2", "--unit-rows", "6", "--fetch-threads", "1")
+    assert killed.get("pid"), "no actor was killed"
+    assert killed["at"] < s["work_units"], "the kill came after the last unit: nothing was retried"
     t = read_partition(out)
-    assert t.num_rows == 30 and len(set(t["image_uri"].to_pylist())) == 30
-    assert t["error"].null_count == 30 and s["rows"] == 30
+    assert t.num_rows == 180 and len(set(t["image_uri"].to_pylist())) == 180
+    assert t["error"].null_count == 180 and s["rows"] == 180
+
+
+def test_driver_killed_then_resumed_commits_once_and_relabels_only_unfinished_units(ray_session, s3_bucket,
+                                                                                     tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["happy", "sad"])
+    src = f"s3://{s3_bucket}/in"
+    put_tree(src, {f"{i:03d}.jpg": face_jpeg("happy", i) for i in range(120)})
+    out = str(tmp_path / "labels")
+    argv = ["--input", src, "--model", model, "--output", out, "--date", DATE, "--run-id", "resume",
+            "--actors", "1", "--unit-rows", "10", "--fetch-threads", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = os.path.join(out, "_staging", "resume", "out")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (os.path.isdir(done) and len(os.listdir(done)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver dies mid-run, as kill -9 would
+    proc.wait()
+    finished = {f for f in os.listdir(done) if f.endswith(".parquet")}
+    assert 2 <= len(finished) < 12, finished
+    assert not os.path.exists(os.path.join(out, f"dt={DATE}"))  # nothing committed
+    s = run_label(*argv)
+    assert s["units_already_done"] >= len(finished) and s["processed"] == 120
+    t = read_partition(out)
+    assert t.num_rows == 120 and len(set(t["image_uri"].to_pylist())) == 120
+
+
+def test_packed_shards_give_one_row_per_member_and_carry_whole_shards(ray_session, s3_bucket, tmp_path):
+    from emotion_core import shards
+
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["happy", "sad"])
+    members = [(f"faces/{c}/{i}.jpg", face_jpeg(c, i)) for c in ("happy", "sad") for i in range(5)]
+    members.append(("faces/broken.jpg", face_jpeg("sad", 9)[:60]))
+    odd = "odd #1?.tar"  # keys may hold '#', '?' and spaces
+    put_tree(f"s3://{s3_bucket}/packed", {
+        "a.tar": shards.write_webdataset(members),
+        odd: shards.write_webdataset(members[:3]),
+        "b.parquet": shards.write_parquet_shard(members),
+    })
+    out = f"s3://{s3_bucket}/labels"
+    common = ["--input", f"s3://{s3_bucket}/packed/", "--model", model, "--output", out, "--actors", "1"]
+    s = run_label(*common, "--date", DATE, "--run-id", "p1")
+    t = read_partition(out)
+    assert t.num_rows == s["rows"] == 11 + 3 + 11 and len(set(t["image_uri"].to_pylist())) == t.num_rows
+    by_shard: dict = {}
+    for r in t.to_pylist():
+        by_shard.setdefault(r["shard_uri"], []).append(r)
+        assert shards.split_member_uri(r["image_uri"])[:2] == (r["shard_uri"], r["shard_member"])
+    assert set(by_shard) == {f"s3://{s3_bucket}/packed/{k}" for k in ("a.tar", odd, "b.parquet")}
+    broken = [r for r in t.to_pylist() if r["shard_member"].endswith("broken.jpg")]
+    assert len(broken) == 2 and all(r["error"] and r["label"] is None for r in broken)
+    # unchanged shards are carried whole; a rewritten one is labelled again
+    put_tree(f"s3://{s3_bucket}/packed", {odd: shards.write_webdataset(members[:4])})
+    s2 = run_label(*common, "--date", "2024-05-02", "--run-id", "p2", "--incremental")
+    assert (s2["processed"], s2["skipped"], s2["rows"]) == (4, 22, 26)
 
 
 def test_object_deleted_between_inventory_and_read(ray_session, s3_bucket, tmp_path):
@@ -203,7 +299,7 @@ def test_object_deleted_between_inventory_and_read(ray_session, s3_bucket, tmp_p
     storage.s3_client().delete_object(Bucket=s3_bucket, Key="faces/2.jpg")
     out = f"s3://{s3_bucket}/labels"
     s = run_label("--manifest", str(inventory), "--model", model, "--output", out, "--date", DATE,
-                  "--run-id", "gone", "--actors", "1", "--split-stages")  # also covers the GPU-style split
+                  "--run-id", "gone", "--actors", "1", "--max-error-fraction", "0.5")
     t = read_partition(out)
     errors = dict(zip(t["image_uri"].to_pylist(), t["error"].to_pylist()))
     assert len(errors) == 5

@@ -1,5 +1,6 @@
-"""jobs.label pieces that need no Ray: listing, manifests, incremental planning, the commit
-protocol, fail-fast argument/model/output checks and --print-ddl."""
+"""jobs.label pieces: incremental planning (Ray Data joins on the shared local Ray), the commit
+protocol (footer check, intents, recovery that never wedges or rewinds a partition), fencing at
+the job level, the outage guards, fail-fast argument/model/output checks and --print-ddl."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 
 from emotion_core import storage
 from emotion_core.schema import label_schema
-from jobs import _label_commit, _label_io, _label_plan, label
+from jobs import _label_commit, _label_plan, label
+from jobs._label_lock import PartitionLock
 from tests.helpers import face_jpeg, save_untrained_model
 
 CLASSES = ["happy", "sad"]
@@ -26,87 +28,6 @@ def _write(path, data: bytes = b"x") -> str:
     with open(path, "wb") as f:
         f.write(data)
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing
-
-
-def test_list_local_recursive_case_insensitive_and_etag_changes(tmp_path):
-    a = _write(tmp_path / "a" / "one.JPG")
-    _write(tmp_path / "a" / "b" / "two.png")
-    _write(tmp_path / "a" / "b" / "c" / "three.TiFf")
-    _write(tmp_path / "a" / "notes.txt")
-    _write(tmp_path / "a" / "noext")
-    t = _label_io.list_inputs([str(tmp_path / "a"), str(tmp_path / "a" / "b")])  # overlapping inputs
-    assert t.schema == _label_io.LISTING_SCHEMA
-    assert [os.path.basename(u) for u in t["image_uri"].to_pylist()] == ["three.TiFf", "two.png", "one.JPG"]
-    assert t["image_uri"].to_pylist() == sorted(t["image_uri"].to_pylist())
-    before = t.filter(pa.compute.equal(t["image_uri"], a))["etag"][0].as_py()
-    st = os.stat(a)
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    again = _label_io.list_local(a)["etag"][0].as_py()
-    assert again != before and again == _label_io.list_local(a)["etag"][0].as_py()  # stable, and changes
-
-
-def test_list_missing_input_is_a_usage_error(tmp_path):
-    with pytest.raises(_label_io.ListingError, match="does not exist"):
-        _label_io.list_inputs([str(tmp_path / "nope")])
-
-
-def test_list_s3(s3_bucket):
-    c = storage.s3_client()
-    for key in ("in/x/1.jpg", "in/x/y/2.PNG", "in/readme.md", "input-other/3.jpg", "in2/4.jpg"):
-        c.put_object(Bucket=s3_bucket, Key=key, Body=b"data")
-    t = _label_io.list_inputs([f"s3://{s3_bucket}/in"])
-    assert t["image_uri"].to_pylist() == [f"s3://{s3_bucket}/in/x/1.jpg", f"s3://{s3_bucket}/in/x/y/2.PNG"]
-    assert all(e and '"' not in e for e in t["etag"].to_pylist())
-    assert t["size_bytes"].to_pylist() == [4, 4]
-    assert t["last_modified"].null_count == 0
-    with pytest.raises(_label_io.ListingError, match="cannot list"):
-        _label_io.list_inputs([f"s3://{s3_bucket}-missing/in"])
-
-
-def test_manifests_csv_inventory_and_parquet(tmp_path):
-    # CSV with a header and a uri column (any case), non-images filtered out
-    p = tmp_path / "m.csv"
-    p.write_text("URI,ETag,Size\n/data/a.jpg,\"e1\",10\n/data/b.txt,e2,3\ns3://bk/c.png,e3,\n")
-    t = _label_io.read_manifest(str(p))
-    assert t["image_uri"].to_pylist() == ["/data/a.jpg", "s3://bk/c.png"]
-    assert t["etag"].to_pylist() == ["e1", "e3"] and t["size_bytes"].to_pylist() == [10, None]
-    # S3 Inventory CSV: no header, bucket,key,size,last_modified,etag, URL-encoded keys
-    p = tmp_path / "inv.csv"
-    p.write_text('"bk","faces/my+face%281%29.jpg","123","2024-05-01T10:00:00.000Z","abc"\n"bk","faces/x.gif","1","",""\n')
-    t = _label_io.read_manifest(str(p))
-    assert t["image_uri"].to_pylist() == ["s3://bk/faces/my face(1).jpg", "s3://bk/faces/x.gif"]
-    assert t["last_modified"][0].as_py().year == 2024 and t["etag"].to_pylist() == ["abc", None]
-    # Parquet with bucket/key columns
-    p = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"Bucket": ["bk", "bk"], "Key": ["k/1.webp", "k/2.bmp"]}), p)
-    t = _label_io.read_manifest(str(p))
-    assert t["image_uri"].to_pylist() == ["s3://bk/k/1.webp", "s3://bk/k/2.bmp"]
-    # restricted to the inputs' prefixes when both are given
-    t = _label_io.list_inputs(["s3://bk/k/1"], manifest=str(p))
-    assert t.num_rows == 0
-    t = _label_io.list_inputs(["s3://bk/k"], manifest=str(p))
-    assert t.num_rows == 2
-    p = tmp_path / "bad.csv"
-    p.write_text("name,size\nx.jpg,1\n")
-    with pytest.raises(_label_io.ListingError, match="needs a 'uri' column"):
-        _label_io.read_manifest(str(p))
-
-
-def test_fetch_reports_missing_and_unreadable(tmp_path, s3_bucket):
-    ok = _write(tmp_path / "ok.jpg", b"abc")
-    datas, errors, metas = _label_io.fetch([ok, str(tmp_path / "gone.jpg")])
-    assert datas[0] == b"abc" and errors[0] is None and metas[0][1] == 3
-    assert datas[1] is None and errors[1].startswith("not_found")
-    storage.s3_client().put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"xyz")
-    uris = [f"s3://{s3_bucket}/a.jpg", f"s3://{s3_bucket}/deleted.jpg", "s3://no-such-bucket-zz/a.jpg"]
-    datas, errors, metas = _label_io.fetch(uris)
-    assert datas[0] == b"xyz" and metas[0][0] and metas[0][1] == 3
-    assert errors[1].startswith("not_found")
-    assert errors[2].startswith(("read_failed", "not_found"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,66 +53,75 @@ def _rows(uris, etags, version="v1", errors=None, run_id="r1", labelled_at=1_700
         "width": [48] * n,
         "height": [48] * n,
         "error": errors or [None] * n,
+        "shard_uri": [None] * n,
+        "shard_member": [None] * n,
     }
     return pa.table({f.name: pa.array(cols[f.name]).cast(f.type) for f in schema}, schema=schema)
 
 
-def _listing(pairs):
-    return pa.table(
-        {
-            "image_uri": [u for u, _ in pairs],
-            "etag": [e for _, e in pairs],
-            "size_bytes": pa.nulls(len(pairs), pa.int64()),
-            "last_modified": pa.nulls(len(pairs), pa.timestamp("ms", tz="UTC")),
-        },
-        schema=_label_io.LISTING_SCHEMA,
-    )
+def _listing_shard(path, pairs) -> str:
+    n = len(pairs)
+    table = pa.table({"image_uri": [u for u, _ in pairs], "etag": [e for _, e in pairs],
+                      "size_bytes": pa.nulls(n, pa.int64()), "last_modified": pa.nulls(n, pa.timestamp("ms", tz="UTC")),
+                      "error": pa.nulls(n, pa.string())}, schema=storage.LISTING_SCHEMA)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+    return str(path)
+
+
+def _stage(out, run_id, table, rows_per_file=2) -> list[str]:
+    uris = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        uri = storage.join(_label_commit.staging_uri(out, run_id), "out", f"unit-{i:03d}.parquet")
+        fs, path = storage.filesystem(uri)
+        if not storage.is_s3(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(table.slice(start, rows_per_file), path, filesystem=fs)
+        uris.append(uri)
+    return uris
 
 
 def _commit(out, date, table, run_id, rows_per_file=2):
-    staged = _label_commit.write_staged(table, out, run_id, rows_per_file)
-    return _label_commit.commit(out, date, run_id, staged, table.num_rows)
+    return _label_commit.commit(out, date, run_id, _stage(out, run_id, table, rows_per_file), table.num_rows)
 
 
-def test_plan_incremental_semantics(tmp_path):
-    out = str(tmp_path / "out")
-    assert _label_plan.plan_incremental(_listing([("a", "1")]), out, "v1").todo.num_rows == 1  # no output yet
-    # day 1: a, b, c, d ok; e errored
-    _commit(
-        out, "2024-05-01", _rows(list("abcde"), list("11111"), errors=[None] * 4 + ["truncated: x"], run_id="d1"), "d1"
-    )
-    # day 2 (newer): b relabelled by another model version; c relabelled by v1 with a later etag
-    _commit(out, "2024-05-02", pa.concat_tables([_rows(["b"], ["1"], version="v2", run_id="d2"),
-                                                 _rows(["c"], ["2"], run_id="d2")]), "d2")
-    listing = _listing([("a", "1"), ("b", "1"), ("c", "2"), ("d", "9"), ("e", "1"), ("f", "1")])
-    plan = _label_plan.plan_incremental(listing, out, "v1")
-    # a: unchanged -> skip; b: latest row is v2 -> redo; c: latest row (day 2) matches -> skip;
-    # d: etag changed -> redo; e: previous error -> redo; f: new -> do
-    assert plan.todo["image_uri"].to_pylist() == ["b", "d", "e", "f"]
-    assert plan.todo.schema == _label_io.LISTING_SCHEMA
-    assert dict(zip(plan.skipped["image_uri"].to_pylist(), plan.skipped["dt"].to_pylist())) == {
-        "a": "2024-05-01", "c": "2024-05-02"}
-    carried = _label_plan.carry_forward(out, plan.skipped, CLASSES)
+def _plan(out, stage, listing, date="2024-05-03", version="v1"):
+    return _label_plan.make_plan([listing], 7, stage, output=out, date=date, classes=CLASSES, model_version=version,
+                                 incremental=True, input_format="auto", unit_rows=3)
+
+
+def _uris(files) -> list[str]:
+    return sorted(u for f in files for u in pq.read_table(f["uri"])["image_uri"].to_pylist())
+
+
+def test_plan_incremental_semantics(ray_session, tmp_path):
+    out, stage = str(tmp_path / "out"), str(tmp_path / "out" / "_staging" / "p")
+    # day 1, then day 2: each a full snapshot. On day 2, b was relabelled by model v2, c changed
+    # (etag 2), e is a broken image (decode error: data), f could not be read (transient).
+    _commit(out, "2024-05-01", _rows([f"{c}.jpg" for c in "abcdef"], list("111111"), run_id="d1"), "d1")
+    day2 = pa.concat_tables([
+        _rows(["a.jpg"], ["1"], run_id="d1"), _rows(["b.jpg"], ["1"], version="v2", run_id="d2"),
+        _rows(["c.jpg"], ["2"], run_id="d2"), _rows(["d.jpg"], ["1"], run_id="d1"),
+        _rows(["e.jpg"], ["1"], errors=["truncated: x"], run_id="d2"),
+        _rows(["f.jpg"], ["1"], errors=["read_failed: SlowDown"], run_id="d2"),
+    ])
+    _commit(out, "2024-05-02", day2, "d2")
+    listing = _listing_shard(tmp_path / "listing.parquet",
+                             [(f"{c}.jpg", e) for c, e in zip("abcdefg", "1129111")])
+    plan = _plan(out, stage, listing)
+    assert plan.previous == "2024-05-02"  # the latest partition only: it is a full snapshot
+    # a: unchanged -> carried; b: labelled by v2 -> redo; c: same etag as day 2 -> carried; d: etag
+    # changed -> redo; e: broken image, unchanged -> carried; f: read error -> redo; g: new -> do
+    assert _uris(plan.units) == ["b.jpg", "d.jpg", "f.jpg", "g.jpg"] and plan.todo_rows == 4
+    assert all(u["rows"] <= 3 for u in plan.units)  # work units of at most unit_rows
+    assert pq.read_table(plan.units[0]["uri"]).column_names == [*storage.LISTING_SCHEMA.names, "format"]
+    carried = pa.concat_tables([pq.read_table(c["uri"]) for c in plan.carried]).sort_by("image_uri")
     assert carried.schema == label_schema(CLASSES)
-    assert carried["image_uri"].to_pylist() == ["a", "c"]
-    assert carried["run_id"].to_pylist() == ["d1", "d2"] and carried["etag"].to_pylist() == ["1", "2"]
-    # a different model version skips nothing
-    assert _label_plan.plan_incremental(listing, out, "v3").skipped.num_rows == 0
-
-
-def test_plan_scales_vectorised(tmp_path):
-    """50k labelled rows in 2 files + a 52k listing: vectorised planning takes a fraction of a second."""
-    out = str(tmp_path / "out")
-    n = 50_000
-    uris = [f"s3://b/{i:07d}.jpg" for i in range(n)]
-    _commit(out, "2024-05-01", _rows(uris, ["e"] * n), "big", rows_per_file=30_000)
-    listing = _listing(
-        [(u, "e" if i % 10 else "new") for i, u in enumerate(uris + [f"s3://b/x{i}.jpg" for i in range(2000)])]
-    )
-    t0 = time.perf_counter()
-    plan = _label_plan.plan_incremental(listing, out, "v1")
-    assert time.perf_counter() - t0 < 5
-    assert plan.todo.num_rows == n // 10 + 2000 and plan.skipped.num_rows == n - n // 10
+    assert carried["image_uri"].to_pylist() == ["a.jpg", "c.jpg", "e.jpg"]
+    assert carried["run_id"].to_pylist() == ["d1", "d2", "d2"] and carried["etag"].to_pylist() == ["1", "2", "1"]
+    # a different model version carries nothing; a run for an earlier date plans against day 1
+    assert _plan(out, str(tmp_path / "s2"), listing, version="v3").carried == []
+    assert _plan(out, str(tmp_path / "s3"), listing, date="2024-05-01").previous == "2024-05-01"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +147,19 @@ def test_commit_replaces_partition_and_writes_success(tmp_path):
     assert not os.listdir(tmp_path / "out" / "_staging")
 
 
+def test_commit_refuses_staged_files_that_do_not_add_up(tmp_path):
+    out = str(tmp_path / "out")
+    _commit(out, "2024-05-01", _rows(list("ab"), list("11")), "good")
+    staged = _stage(out, "dup", _rows(list("xyz"), list("111")))
+    with pytest.raises(_label_commit.CommitError, match="hold 3 rows, the plan 2"):
+        _label_commit.commit(out, "2024-05-01", "dup", staged, 2)  # e.g. a duplicated unit
+    assert _parquet_files(tmp_path / "out" / "dt=2024-05-01") == ["part-good-00000.parquet"]
+
+
 def test_crash_after_intent_is_rolled_forward_and_abandoned_staging_cleaned(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     _commit(out, "2024-05-01", _rows(list("abc"), list("111")), "old")
-    staged = _label_commit.write_staged(_rows(list("de"), list("11")), out, "crashy", 10)
+    staged = _stage(out, "crashy", _rows(list("de"), list("11")), 10)
     # The run dies right after writing its intent: nothing installed yet.
     monkeypatch.setattr(_label_commit, "_apply", lambda *a, **k: (_ for _ in ()).throw(SystemExit("killed")))
     with pytest.raises(SystemExit):
@@ -228,13 +167,46 @@ def test_crash_after_intent_is_rolled_forward_and_abandoned_staging_cleaned(tmp_
     monkeypatch.undo()
     part = tmp_path / "out" / "dt=2024-05-01"
     assert _parquet_files(part) == ["part-old-00000.parquet", "part-old-00001.parquet"]  # readers: old data
-    # A run that died before committing: staging without an intent.
-    _label_commit.write_staged(_rows(["z"], ["1"]), out, "died-early", 10)
-    assert _label_commit.recover(out) == ["crashy"]
+    _stage(out, "died-early", _rows(["z"], ["1"]))  # a run that died before committing: no intent
+    assert _label_commit.recover(out, "2024-05-09", time.time()) == ["crashy"]
     assert _parquet_files(part) == ["part-crashy-00000.parquet"]
-    assert os.listdir(tmp_path / "out" / "_staging") == ["died-early"]  # too young to be litter
-    assert _label_commit.recover(out, now=time.time() + 2 * 86400) == []
-    assert os.listdir(tmp_path / "out" / "_staging") == []
+    runs = lambda: sorted(d for d in os.listdir(tmp_path / "out" / "_staging") if not d.startswith("_"))  # noqa: E731
+    assert runs() == ["died-early"]  # too young to be litter
+    assert _label_commit.recover(out, "2024-05-09", time.time() + 2 * 86400) == []
+    assert runs() == []
+
+
+def test_recovery_never_wedges_nor_rewinds_the_table(tmp_path):
+    out = str(tmp_path / "out")
+    logged = []
+    # 1. a broken intent: a staged file was lost before it was installed
+    staged = _stage(out, "lost", _rows(list("ab"), list("11")))
+    intent = {"run_id": "lost", "date": "2024-05-01", "rows": 2, "staged": staged,
+              "final": [f"{out}/dt=2024-05-01/part-lost-00000.parquet"], "old": []}
+    os.remove(storage.parse(staged[0]).path)
+    _write(os.path.join(out, "_staging", "lost", "_COMMIT.json"), json.dumps(intent).encode())
+    assert _label_commit.recover(out, "2024-05-09", time.time(), log=logged.append) == []
+    assert any("moved aside" in line for line in logged)
+    assert json.loads(open(os.path.join(out, "_staging", "_quarantine", "lost.json")).read())["quarantine_reason"]
+    assert _label_commit.recover(out, "2024-05-09", time.time()) == []  # not retried on every run
+    # 2. an intent older than the partition's _SUCCESS of a later commit is not replayed
+    staged = _stage(out, "stale", _rows(["old"], ["1"]), 10)
+    intent = {"run_id": "stale", "date": "2024-05-02", "rows": 1, "staged": staged,
+              "final": [f"{out}/dt=2024-05-02/part-stale-00000.parquet"], "old": []}
+    _write(os.path.join(out, "_staging", "stale", "_COMMIT.json"), json.dumps(intent).encode())
+    time.sleep(1.1)
+    _commit(out, "2024-05-02", _rows(list("xy"), list("11")), "newer")
+    assert _label_commit.recover(out, "2024-05-09", time.time(), log=logged.append) == []
+    assert _parquet_files(tmp_path / "out" / "dt=2024-05-02") == ["part-newer-00000.parquet"]
+    assert any("older than the partition's _SUCCESS" in line for line in logged)
+    # 3. an intent whose date a live run holds is left to that run
+    staged = _stage(out, "busy", _rows(["b"], ["1"]), 10)
+    intent = {"run_id": "busy", "date": "2024-05-03", "rows": 1, "staged": staged,
+              "final": [f"{out}/dt=2024-05-03/part-busy-00000.parquet"], "old": []}
+    _write(os.path.join(out, "_staging", "busy", "_COMMIT.json"), json.dumps(intent).encode())
+    with PartitionLock(out, "2024-05-03", "busy"):
+        assert _label_commit.recover(out, "2024-05-09", time.time(), log=logged.append) == []
+    assert _label_commit.recover(out, "2024-05-09", time.time()) == ["busy"]
 
 
 def test_commit_on_s3(s3_bucket):
@@ -243,6 +215,43 @@ def test_commit_on_s3(s3_bucket):
     _commit(out, "2024-05-01", _rows(list("ab"), list("11")), "r2")
     keys = sorted(o["Key"] for o in storage.s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"])
     assert keys == ["labels/dt=2024-05-01/_SUCCESS", "labels/dt=2024-05-01/part-r2-00000.parquet"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fencing and outage guards, through the job
+
+
+def test_second_run_on_the_same_partition_fails_fast(tmp_path, good_model, capsys):
+    images = tmp_path / "images"
+    _write(images / "a.jpg", face_jpeg("happy", 0))
+    out = str(tmp_path / "out")
+    with PartitionLock(out, "2024-05-01", "first"):
+        rc = label.main(["--input", str(images), "--model", good_model, "--output", out, "--date", "2024-05-01"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "run first is committing" in err and "--wait-for-lock" in err
+
+
+def test_outage_and_empty_listing_are_not_committed(ray_session, s3_bucket, tmp_path, good_model, capsys):
+    """Objects that cannot be read (an outage) abort before commit; so does a prefix that lists
+    nothing where yesterday's partition had rows. A single-object URI labels that object."""
+    out = f"s3://{s3_bucket}/labels"
+    key = f"s3://{s3_bucket}/in/one face.jpg"
+    storage.write_bytes(key, face_jpeg("sad", 1))
+    assert label.main(["--input", key, "--model", good_model, "--output", out, "--date", "2024-05-01"]) == 0
+    assert pq.read_table(storage.filesystem(out)[1] + "/dt=2024-05-01", filesystem=storage.filesystem(out)[0]
+                         )["image_uri"].to_pylist() == [key]
+    manifest = tmp_path / "objects.csv"
+    manifest.write_text("uri\n" + "".join(f"s3://{s3_bucket}/in/gone-{i}.jpg\n" for i in range(4)) + key + "\n")
+    rc = label.main(["--manifest", str(manifest), "--model", good_model, "--output", out, "--date", "2024-05-02"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "4 of 5 objects could not be read" in err and "not_found 4" in err
+    assert not storage.exists(f"{out}/dt=2024-05-02/_SUCCESS")
+    rc = label.main(["--input", f"s3://{s3_bucket}/vanished/", "--model", good_model, "--output", out,
+                     "--date", "2024-05-03"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "list 0 objects but the previous partition has 1 rows" in err
+    assert label.main(["--input", f"s3://{s3_bucket}/vanished/", "--model", good_model, "--output", out,
+                       "--date", "2024-05-03", "--allow-empty"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +296,10 @@ def test_bad_model_or_output_fails_fast(tmp_path, good_model, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "not writable" in err
     rc = label.main(["--input", str(tmp_path / "missing"), "--model", good_model, "--output", str(tmp_path / "o")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    rc = label.main(["--input", str(images), "--model", good_model, "--output", str(tmp_path / "o"), "--date", "May 1"])
-    assert rc == 2 and "YYYY-MM-DD" in capsys.readouterr().err
+    for bad_date in ("May 1", "20240501", "2024-W18-3", "2024-02-30"):
+        rc = label.main(["--input", str(images), "--model", good_model, "--output", str(tmp_path / "o"),
+                         "--date", bad_date])
+        assert rc == 2 and "YYYY-MM-DD" in capsys.readouterr().err, bad_date
 
 
 def test_unwritable_s3_output_fails_fast(s3_bucket, good_model, tmp_path, capsys):

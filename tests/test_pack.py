@@ -104,8 +104,6 @@ def test_pack_s3_round_trip(ray_session, s3_bucket):
     assert members0 == set(pack.relative_names(first5, f"s3://{s3_bucket}/faces"))
 
 
-@pytest.mark.xfail(strict=True, reason="emotion_core.storage.parse (urlparse) drops '#...' and '?...' from s3:// "
-                   "keys, so _label_io.fetch reads the wrong key; remove this mark once storage is fixed")
 def test_pack_s3_keys_with_hash_and_query(ray_session, s3_bucket):
     client = storage.s3_client()
     objs = {"c#1.jpg": b"hash", "q?x=1.png": b"query"}
