@@ -288,7 +288,9 @@ def _run_ray_start(args: list[str], env: dict[str, str], log_path: Path, timeout
         )
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        raise ClusterError(f"`ray start {args[0]}` failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail))
+        raise ClusterError(
+            f"`ray start {args[0]}` failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail)
+        )
 
 
 def _wait_http(url: str, timeout: float, headers: dict[str, str]) -> None:

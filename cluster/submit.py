@@ -63,7 +63,9 @@ def runtime_env(
     if env_vars:
         leaked = SECRET_ENV & set(env_vars)
         if leaked:
-            raise ValueError(f"refusing to put credentials in a runtime_env ({', '.join(sorted(leaked))}): use IAM roles")
+            raise ValueError(
+                f"refusing to put credentials in a runtime_env ({', '.join(sorted(leaked))}): use IAM roles"
+            )
         env["env_vars"] = dict(env_vars)
     if pip:
         env["pip"] = list(pip)

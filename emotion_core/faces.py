@@ -543,7 +543,8 @@ class Haar(FaceDetector):
             import cv2
         except ImportError as e:
             raise DetectorUnavailableError(
-                f"face detector 'haar' needs OpenCV 4.x: pip install -c constraints.txt 'opencv-python-headless<5' ({e})"
+                "face detector 'haar' needs OpenCV 4.x: "
+                f"pip install -c constraints.txt 'opencv-python-headless<5' ({e})"
             ) from None
         if not hasattr(cv2, "CascadeClassifier"):
             raise DetectorUnavailableError("face detector 'haar' needs OpenCV 4.x (5.0 dropped CascadeClassifier)")

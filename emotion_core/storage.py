@@ -460,7 +460,9 @@ def _local_level(path: str, root_real: str) -> tuple[pa.Table, list[str]]:
     except FileNotFoundError:
         log.debug("%s was deleted during the listing; skipped", path)
     except OSError as e:
-        rows.add(_printable_path(path) or path, error=f"{READ_FAILED}: cannot list folder: {e.strerror or short_error(e)}")
+        rows.add(
+            _printable_path(path) or path, error=f"{READ_FAILED}: cannot list folder: {e.strerror or short_error(e)}"
+        )
     return rows.table(), sorted(subdirs)
 
 

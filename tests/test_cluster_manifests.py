@@ -85,7 +85,9 @@ def valid_cron(expr: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("expr", ["30 1 * * *", "*/15 * * * *", "0 0 1,15 * MON-FRI", "5 4 * JAN-MAR 0", "0 22 * * 1-5/2"])
+@pytest.mark.parametrize(
+    "expr", ["30 1 * * *", "*/15 * * * *", "0 0 1,15 * MON-FRI", "5 4 * JAN-MAR 0", "0 22 * * 1-5/2"]
+)
 def test_cron_validator_accepts(expr):
     assert valid_cron(expr)
 
@@ -246,7 +248,9 @@ def test_nightly_clusters_go_away_scale_to_zero_and_keep_a_bounded_history():
     owner = fallback["metadata"]["ownerReferences"][0]
     assert (owner["apiVersion"], owner["kind"]) == ("batch/v1", "Job")
     cronjob = next(doc for _, doc in docs if doc["kind"] == "CronJob")
-    assert 0 < cronjob["spec"]["successfulJobsHistoryLimit"] <= 30 and 0 < cronjob["spec"]["failedJobsHistoryLimit"] <= 30
+    assert (
+        0 < cronjob["spec"]["successfulJobsHistoryLimit"] <= 30 and 0 < cronjob["spec"]["failedJobsHistoryLimit"] <= 30
+    )
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
            for e in cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["JOB_UID"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
@@ -270,7 +274,9 @@ def test_minimum_versions_are_stated(file, minimum):
     text = (CLUSTER / "kuberay" / file).read_text()
     flat = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
     assert minimum in flat, f"{file}: does not state {minimum}"
-    assert not re.search(r"KubeRay >= 1\.5(?!\.1)\b|any KubeRay >= 1\.0|KubeRay >= 1\.0", flat), f"{file}: wrong minimum"
+    assert not re.search(r"KubeRay >= 1\.5(?!\.1)\b|any KubeRay >= 1\.0|KubeRay >= 1\.0", flat), (
+        f"{file}: wrong minimum"
+    )
     uses_auth = any("authOptions" in json.dumps(spec) for name, spec in ray_cluster_specs() if name == file)
     version = tuple(int(x) for x in minimum.split(">= ")[1].split("."))
     assert not uses_auth or version >= (1, 5, 1), f"{file}: authOptions need KubeRay >= 1.5.1"
@@ -288,7 +294,9 @@ def test_service_accounts_live_in_their_own_manifest():
         if "RayCluster" in kinds or "RayJob" in kinds or "RayCronJob" in kinds:
             names = [d["metadata"]["name"] for d in yaml.safe_load_all(f.read_text()) if d["kind"] == "ServiceAccount"]
             assert not any(n.startswith("emotion-ray") for n in names), f"{f.name} defines the Ray service accounts"
-    accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccounts.yaml").read_text())}
+    accounts = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccounts.yaml").read_text())
+    }
     assert set(accounts) == {"emotion-ray", "emotion-ray-worker"}
     for sa in accounts.values():
         assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
@@ -341,7 +349,9 @@ def test_fallback_wait_loop_ends_on_every_terminal_state(tmp_path, deployment, j
 
 
 def test_schedules_are_valid_and_nightly():
-    schedules = [(name, doc["spec"]["schedule"]) for name, doc in k8s_docs() if doc["kind"] in ("CronJob", "RayCronJob")]
+    schedules = [
+        (name, doc["spec"]["schedule"]) for name, doc in k8s_docs() if doc["kind"] in ("CronJob", "RayCronJob")
+    ]
     assert len(schedules) == 2
     for name, expr in schedules:
         assert valid_cron(expr), f"{name}: invalid cron {expr!r}"
@@ -389,7 +399,11 @@ def test_render_step_of_the_fallback_produces_the_nights_rayjob(tmp_path):
 
 
 def test_s3_access_is_by_role_not_keys():
-    for sa in (doc for _, doc in k8s_docs() if doc["kind"] == "ServiceAccount" and doc["metadata"]["name"] != "emotion-label-scheduler"):
+    for sa in (
+        doc
+        for _, doc in k8s_docs()
+        if doc["kind"] == "ServiceAccount" and doc["metadata"]["name"] != "emotion-label-scheduler"
+    ):
         arn = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
         assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", arn)
     for f in LAUNCHER_FILES:
@@ -506,7 +520,9 @@ def test_cluster_launcher_config(path):
             setup = t.get("worker_setup_commands", cfg["worker_setup_commands"])
             image = t.get("docker", {}).get("worker_image", cfg["docker"]["image"])
         setup = " ".join(cfg["setup_commands"] + setup)
-        assert re.search(rf"pip install .*-c {re.escape(mount)}/constraints\.txt", setup), f"{name}: install at the pins"
+        assert re.search(rf"pip install .*-c {re.escape(mount)}/constraints\.txt", setup), (
+            f"{name}: install at the pins"
+        )
         assert mount in setup
         assert image.endswith("-gpu" if is_gpu else "-cpu"), f"{name}: {image}"
         assert ("download.pytorch.org/whl/cpu" in setup) != bool(is_gpu), f"{name}: CPU nodes skip the CUDA wheels"

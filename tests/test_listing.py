@@ -68,7 +68,9 @@ def test_local_parallel_equals_sequential(ray_session, local_tree, tmp_path, tar
     assert got.equals(_sequential([str(local_tree)]))
     # Deterministic names: listing again overwrites the same shard files, adds none.
     again = list_to_parquet([str(local_tree)], out, target_prefixes=target, prefixes_per_task=3, threads=4)
-    assert again.shards == result.shards and sorted(os.listdir(out)) == sorted(os.path.basename(s) for s in result.shards)
+    assert again.shards == result.shards and sorted(os.listdir(out)) == sorted(
+        os.path.basename(s) for s in result.shards
+    )
 
 
 def test_s3_parallel_equals_sequential_with_odd_keys(ray_session, s3_bucket, tmp_path):
