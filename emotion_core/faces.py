@@ -69,6 +69,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from emotion_core import preprocess as pp
+from emotion_core.errors import short_error
 from emotion_core.preprocess import ImageDecodeError, InputSpec
 
 Landmarks = tuple[tuple[float, float], ...]
@@ -292,11 +293,11 @@ def _guarded(data: bytes, fn: Callable[[bytes], object]):
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError("decompression_bomb", pp._short(e)) from None
+        raise ImageDecodeError("decompression_bomb", short_error(e)) from None
     except UnidentifiedImageError:
         raise pp._unidentified(data) from None
     except Exception as e:  # every failure on untrusted bytes becomes a typed error
-        raise ImageDecodeError(pp._failure_reason(e, data), pp._short(e)) from None
+        raise ImageDecodeError(pp._failure_reason(e, data), short_error(e)) from None
 
 
 def _decode_photo(data: bytes, max_side: int | None) -> Photo:

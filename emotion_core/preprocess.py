@@ -1,31 +1,11 @@
 """Image bytes -> model input. ONE code path, used by training and by labelling.
 
-API:
-
-    @dataclass(frozen=True)
-    class InputSpec:
-        size: int = 48                 # square side in pixels
-        channels: int = 1              # 1 = grayscale, 3 = RGB
-        mean: tuple[float, ...] = (0.5,)
-        std: tuple[float, ...] = (0.5,)
-        def to_dict(self) -> dict; @classmethod from_dict(cls, d) -> InputSpec
-
-    class ImageDecodeError(ValueError):
-        reason: str    # short machine-friendly reason, e.g. "empty", "not_an_image", "truncated",
-                       # "decompression_bomb", "unsupported_mode", "decode_failed"
-        str(e) is a one-line human message.
-
-    decode_image(data: bytes, spec: InputSpec) -> tuple[np.ndarray, int, int]
-        -> (pixels uint8 array shaped (C, size, size), original_width, original_height)
-    normalize(batch: np.ndarray | torch.Tensor, spec) -> torch.Tensor
-        uint8 (N, C, H, W) or (C, H, W) -> float32 normalised tensor (same leading shape)
-    preprocess(data: bytes, spec) -> torch.Tensor   # normalize(decode_image(...)[0])
-
-    decode_batch(items, spec) -> (uint8 (N, C, size, size), widths, heights, errors)
-        never raises for bad bytes: failed items are zeros, width/height None and
-        error "<reason>: <detail>" (the labelling job's error rows).
-    REASONS: every ImageDecodeError.reason decode_image can raise.
-    MAX_PIXELS, FORMATS, BACKGROUND, RESAMPLE: the decoding policy (see the block comment below).
+:func:`decode_image` turns bytes into the model's uint8 ``(C, size, size)`` input (and the
+original size); :func:`decode_batch` does a list and turns failures into error strings (the
+labelling job's error rows); :func:`normalize` turns a uint8 batch into the model's float tensor
+in one op. Broken input raises :class:`ImageDecodeError` with a short machine-friendly ``reason``.
+The decoding policy (formats, EXIF orientation, draft-mode JPEG decode, the decompression-bomb
+limit, compositing on white, scaling of high bit depths) is documented next to its constants below.
 """
 
 from __future__ import annotations
@@ -38,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from emotion_core.errors import short_error
 
 
 @dataclass(frozen=True)
@@ -161,11 +143,11 @@ def decode_image(data: bytes, spec: InputSpec) -> tuple[np.ndarray, int, int]:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError("decompression_bomb", _short(e)) from None
+        raise ImageDecodeError("decompression_bomb", short_error(e)) from None
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     except Exception as e:  # every failure on untrusted bytes becomes a typed error
-        raise ImageDecodeError(_failure_reason(e, data), _short(e)) from None
+        raise ImageDecodeError(_failure_reason(e, data), short_error(e)) from None
 
 
 def _decode(data: bytes, spec: InputSpec) -> tuple[np.ndarray, int, int]:
@@ -230,19 +212,27 @@ def _to_8bit(im: Image.Image, want: str) -> Image.Image:
 
 
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """High bit depth -> 0..255 by scaling (never clipping)."""
+    """High bit depth -> 0..255 by scaling (never clipping). Memory: one working copy (uint32 or
+    float32) of the full-resolution image, scaled in place, then the uint8 result."""
     if mode.startswith("I;16"):
-        return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(a.min()), float(a.max())
+        w = a.astype(np.uint32)
+        w *= 255
+        w += 32767
+        w //= 65535
+        return w.astype(np.uint8)
+    w = a.astype(np.float32)
+    np.nan_to_num(w, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(w.min()), float(w.max())
     if lo >= 0 and hi <= 1 and mode == "F":
         lo, hi = 0.0, 1.0
     elif lo >= 0 and hi <= 255:
         lo, hi = 0.0, 255.0
     elif lo >= 0 and hi <= 65535:
         lo, hi = 0.0, 65535.0
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.rint((a - lo) * scale).astype(np.uint8)
+    w -= lo
+    w *= 255.0 / (hi - lo) if hi > lo else 0.0
+    np.rint(w, out=w)
+    return w.astype(np.uint8)
 
 
 def _signature(data: bytes) -> str | None:
@@ -264,8 +254,8 @@ def _unidentified(data: bytes) -> ImageDecodeError:
         Image.OPEN[fmt][0](io.BytesIO(data), "")
     except Exception as e:  # any parser error explains the failure
         if "mode" in str(e).lower():
-            return ImageDecodeError("unsupported_mode", f"{fmt}: {_short(e)}")
-        return ImageDecodeError("truncated", f"{fmt} header incomplete or corrupt: {_short(e)}")
+            return ImageDecodeError("unsupported_mode", f"{fmt}: {short_error(e)}")
+        return ImageDecodeError("truncated", f"{fmt} header incomplete or corrupt: {short_error(e)}")
     return ImageDecodeError("decode_failed", f"{fmt} file could not be identified")
 
 
@@ -276,11 +266,6 @@ def _failure_reason(e: Exception, data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
         return "truncated"
     return "decode_failed"
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]
 
 
 def decode_batch(

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
+from emotion_core.errors import short_error
 from emotion_core.preprocess import IMAGE_EXTENSIONS
 
 FORMATS = ("images", "webdataset", "parquet")
@@ -182,13 +183,13 @@ def _tar_members(data: bytes) -> Iterator[Member]:
     try:
         tf = tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="backslashreplace")
     except Exception as e:  # tarfile.ReadError and friends: not a (plain) tar
-        yield failed_shard(f"shard_unreadable: not an uncompressed tar ({_short(e)})")
+        yield failed_shard(f"shard_unreadable: not an uncompressed tar ({short_error(e)})")
         return
     while True:
         try:
             info = tf.next()
         except Exception as e:  # "unexpected end of data" while skipping a member, bad PAX header
-            yield failed_shard(f"truncated_shard: {_short(e)} at byte {tf.offset}")
+            yield failed_shard(f"truncated_shard: {short_error(e)} at byte {tf.offset}")
             return
         if info is None:
             break
@@ -197,7 +198,7 @@ def _tar_members(data: bytes) -> Iterator[Member]:
         try:
             blob = tf.extractfile(info).read()
         except Exception as e:
-            yield Member(info.name, None, f"truncated: member cut short ({_short(e)})")
+            yield Member(info.name, None, f"truncated: member cut short ({short_error(e)})")
             yield failed_shard(f"truncated_shard: ends inside member {info.name!r}")
             return
         yield Member(info.name, blob, None)
@@ -218,7 +219,7 @@ def _parquet_members(data: bytes) -> Iterator[Member]:
         pf = pq.ParquetFile(pa.BufferReader(data))
         schema = pf.schema_arrow
     except Exception as e:
-        yield failed_shard(f"shard_unreadable: not a Parquet file ({_short(e)})")
+        yield failed_shard(f"shard_unreadable: not a Parquet file ({short_error(e)})")
         return
     image_col, struct_image = _image_column(schema)
     if image_col is None:
@@ -240,7 +241,8 @@ def _parquet_members(data: bytes) -> Iterator[Member]:
             blobs = images.to_pylist()
             keys = table[key_col].to_pylist() if key_col else paths
         except Exception as e:
-            yield failed_shard(f"corrupt_shard: row group {rg} (rows {row}..{row + n - 1}) unreadable ({_short(e)})")
+            rows = f"rows {row}..{row + n - 1}"
+            yield failed_shard(f"corrupt_shard: row group {rg} ({rows}) unreadable ({short_error(e)})")
             row += n
             continue
         for i, blob in enumerate(blobs):
@@ -270,11 +272,6 @@ def _image_column(schema) -> tuple[str | None, bool]:
             if bt is not None and (pa.types.is_binary(bt) or pa.types.is_large_binary(bt)):
                 return name, True
     return None, False
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------

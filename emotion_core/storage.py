@@ -57,6 +57,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from emotion_core.errors import short_error
 from emotion_core.preprocess import IMAGE_EXTENSIONS
 from emotion_core.schema import TIMESTAMP
 
@@ -221,21 +222,6 @@ def shared_s3_client(threads: int = 64):
     return _shared_client(max(10, int(threads)))
 
 
-_SECRET = re.compile(r"(Credential=|Signature=|X-Amz-Security-Token=|AKIA|ASIA)[A-Za-z0-9/+=%_-]*")
-
-
-def short_error(e: BaseException) -> str:
-    """One line describing ``e``: ``<code> <message>`` for botocore errors, else the first line
-    of the message; at most 300 characters, with anything that looks like a credential removed."""
-    resp = getattr(e, "response", None)
-    if isinstance(resp, dict) and resp.get("Error") is not None:
-        err = resp.get("Error") or {}
-        code = err.get("Code") or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or type(e).__name__
-        msg = f"{code} {err.get('Message') or ''}".strip()
-    else:
-        text = str(e).strip()
-        msg = text.splitlines()[0] if text else type(e).__name__
-    return _SECRET.sub(r"\1<redacted>", msg)[:300]
 
 
 def _error_code(e: BaseException) -> str:
@@ -330,7 +316,6 @@ def delete_dir(uri: str) -> None:
 
 
 # Kept for callers not yet moved to the public name (jobs/_data.py).
-_short = short_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +325,13 @@ _short = short_error
 # What a listing keeps: images, and the shard files that pack them (WebDataset .tar, Parquet);
 # jobs.label's plan keeps the formats --input-format asks for.
 LISTED_EXTENSIONS = (*IMAGE_EXTENSIONS, ".tar", ".parquet")
+
+
+def in_metadata_folder(relative_key: str) -> bool:
+    """True under a folder whose name starts with ``_`` (the Hive/Spark convention for metadata:
+    ``_staging``, ``_runs``, ``_temporary``): listings skip those, so a table or staging area
+    inside an input prefix is never read as input."""
+    return any(part.startswith("_") for part in relative_key.split("/")[:-1])
 
 
 def is_image_name(name: str) -> bool:
@@ -425,6 +417,8 @@ def _local_entry(rows: _Rows, subdirs: list[str], entry: os.DirEntry, root_real:
             rows.add(bad or path, error=f"{READ_FAILED}: cannot stat: {e.strerror or short_error(e)}")
         return
     if is_dir:
+        if entry.name.startswith("_"):
+            return  # a metadata folder (Hive/Spark convention: _staging, _runs, _temporary): not input
         if bad:
             rows.add(bad, error="bad_name: folder name is not valid UTF-8; its contents are not listed")
         else:
@@ -477,15 +471,16 @@ def _s3_level(loc: Location, client) -> tuple[pa.Table, list[str]]:
     rows, subs = _Rows(), []
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/")
     for page in pages:
-        _add_s3_objects(rows, loc.bucket, page)
-        subs.extend(s3_uri(loc.bucket, p["Prefix"]) for p in page.get("CommonPrefixes", ()))
+        _add_s3_objects(rows, loc.bucket, page, loc.prefix)
+        subs.extend(s3_uri(loc.bucket, p["Prefix"]) for p in page.get("CommonPrefixes", ())
+                    if not p["Prefix"][len(loc.prefix):].startswith("_"))  # metadata folders are not input
     return rows.table(), subs
 
 
-def _add_s3_objects(rows: _Rows, bucket: str, page: dict) -> None:
+def _add_s3_objects(rows: _Rows, bucket: str, page: dict, prefix: str) -> None:
     for obj in page.get("Contents", ()):
         key = obj["Key"]
-        if is_image_name(key):
+        if is_image_name(key) and not in_metadata_folder(key[len(prefix):]):
             rows.add(s3_uri(bucket, key), obj.get("ETag", "").strip('"') or None, obj.get("Size"),
                      _ms(obj.get("LastModified")))
 
@@ -559,7 +554,7 @@ def list_pages(uri: str) -> Iterator[pa.Table]:
     try:
         for page in shared_s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix):
             rows = _Rows()
-            _add_s3_objects(rows, loc.bucket, page)
+            _add_s3_objects(rows, loc.bucket, page, loc.prefix)
             yield rows.table()
     except Exception as e:  # botocore raises several unrelated types
         raise StorageError(f"cannot list {uri}: {short_error(e)}") from e

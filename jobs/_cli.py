@@ -25,7 +25,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with the contract's one-line usage error (argparse's own prints the usage too)."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message} (see {self.prog} --help)\n")
 
 
 class UsageError(ValueError):
