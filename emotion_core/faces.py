@@ -190,14 +190,9 @@ _REGISTRY: dict[str, DetectorEntry] = {}
 
 def register_detector(name: str, max_side: int | None, description: str):
     """Decorator registering ``factory(**kwargs) -> FaceDetector`` under ``name``."""
+    from emotion_core.models import registrar
 
-    def decorator(factory: Callable[..., FaceDetector]) -> Callable[..., FaceDetector]:
-        if name in _REGISTRY:
-            raise ValueError(f"detector {name!r} is already registered")
-        _REGISTRY[name] = DetectorEntry(name, factory, max_side, description)
-        return factory
-
-    return decorator
+    return registrar(_REGISTRY, "detector", name, lambda f: DetectorEntry(name, f, max_side, description))
 
 
 def list_detectors() -> list[str]:

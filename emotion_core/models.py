@@ -60,16 +60,22 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, input_spec: InputSpec, description: str):
-    """Decorator registering ``fn(num_classes, *, img_size, in_chans, **kwargs) -> nn.Module``."""
+def registrar(registry: dict, kind: str, name: str, make_entry: Callable):
+    """A decorator that stores ``make_entry(fn)`` under ``name`` in ``registry`` (a name can be
+    registered once); the shared shape of the model and face-detector registries."""
 
-    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, fn, input_spec, description)
+    def decorator(fn: Callable) -> Callable:
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered")
+        registry[name] = make_entry(fn)
         return fn
 
     return decorator
+
+
+def register_model(name: str, input_spec: InputSpec, description: str):
+    """Decorator registering ``fn(num_classes, *, img_size, in_chans, **kwargs) -> nn.Module``."""
+    return registrar(_REGISTRY, "model", name, lambda fn: ModelEntry(name, fn, input_spec, description))
 
 
 def list_models() -> list[str]:

@@ -14,10 +14,13 @@ import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 from emotion_core.errors import short_error
 
@@ -293,6 +296,8 @@ def decode_batch(
 @lru_cache(maxsize=32)
 def _mean_std(spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std shaped (C, 1, 1) for broadcasting over a batch."""
+    import torch
+
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
     return mean, std
@@ -300,7 +305,11 @@ def _mean_std(spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(batch: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` or ``(C, H, W)`` (numpy or torch, any device) -> float32 tensor of the
-    same shape, ``(x / 255 - mean) / std`` per channel, computed for the whole batch at once."""
+    same shape, ``(x / 255 - mean) / std`` per channel, computed for the whole batch at once.
+    torch is imported here, not at module level: decoding (listing, shard and decode tasks) never
+    needs it."""
+    import torch
+
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8:
             raise TypeError(f"normalize expects uint8 pixels, got numpy {batch.dtype}")
