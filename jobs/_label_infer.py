@@ -259,3 +259,83 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     pq.write_table(table, tmp, compression="snappy", row_group_size=128 * 1024)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Poison objects: isolate what kills its worker every time
+
+
+CRASHED = "worker_crashed"
+
+
+def label_isolated(units: list[str], labeller: dict, classes: list[str], log) -> None:
+    """Label ``units`` one Ray task each, without retries; a unit whose worker dies (a poison
+    image that crashes the decoder or the process, every time) is split in halves, recursively,
+    until the object that kills it is alone: that object becomes a ``worker_crashed`` error row
+    and every other object is labelled. Each unit still ends as one ``out/<unit>.parquet``."""
+    import ray
+    from ray.exceptions import ActorDiedError, OutOfMemoryError, WorkerCrashedError
+
+    task = ray.remote(num_cpus=labeller.get("threads", 1), max_retries=0)(_label_unit_task)
+    pieces: dict[str, list[str]] = {u: [] for u in units}  # unit -> its leaf outputs
+    isolated: set[str] = set()  # units that crashed at least once
+    pending = {task.remote(u, labeller): (u, u) for u in units}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        unit, piece = pending.pop(done[0])
+        try:
+            pieces[unit].append(ray.get(done[0]))
+            continue
+        except (WorkerCrashedError, ActorDiedError, OutOfMemoryError) as e:
+            crash = f"{CRASHED}: labelling it killed its worker ({type(e).__name__})"
+        isolated.add(unit)
+        listing = pq.read_table(io.BytesIO(storage.read_bytes(piece)))
+        if listing.num_rows == 1:
+            log(f"[label] {listing['image_uri'][0]} kills its worker every time: written as an error row")
+            out = storage.join(labeller["out_dir"], piece.rsplit("/", 1)[-1])
+            write_parquet_atomic(crash_rows(listing, crash, classes, labeller["run_constants"]), out)
+            pieces[unit].append(out)
+            continue
+        half = listing.num_rows // 2
+        for i, part in enumerate((listing.slice(0, half), listing.slice(half))):
+            sub = piece.removesuffix(".parquet") + f"~{i}.parquet"
+            write_parquet_atomic(part, sub)
+            pending[task.remote(sub, labeller)] = (unit, sub)
+    for unit in isolated:
+        _merge_pieces(unit, pieces[unit], labeller["out_dir"])
+
+
+def _label_unit_task(unit: str, labeller: dict) -> str:
+    return Labeller(**labeller).label_unit(unit)[0]
+
+
+def crash_rows(listing: pa.Table, error: str, classes: list[str], constants: dict) -> pa.Table:
+    """Error rows, in the label schema, for listed objects that could not be labelled at all."""
+    from ._label_plan import conform
+
+    shard = pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))
+    n = listing.num_rows
+    rows = {
+        "image_uri": listing["image_uri"],
+        "shard_uri": pc.if_else(shard, listing["image_uri"], pa.nulls(n, pa.string())),
+        "etag": listing["etag"], "size_bytes": listing["size_bytes"], "last_modified": listing["last_modified"],
+        "error": pa.array([error] * n, pa.string()),
+        "labelled_at": pa.array(np.full(n, int(time.time() * 1000), dtype=np.int64)).cast(TIMESTAMP),
+        **{k: pa.array([v] * n, pa.string()) for k, v in constants.items()},
+    }
+    return conform(pa.table(rows), label_schema(classes))
+
+
+def _merge_pieces(unit: str, outs: list[str], out_dir: str) -> None:
+    """One output for a unit labelled in pieces (at most one unit's rows, so the driver may)."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(o))) for o in outs]
+    listing = pq.read_table(io.BytesIO(storage.read_bytes(unit)))
+    shard_rows = int(pc.sum(pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))).as_py() or 0)
+    name = unit.rsplit("/", 1)[-1]
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by("image_uri")
+    table = table.replace_schema_metadata({UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
+                                           SHARDS_KEY: str(shard_rows)})
+    write_parquet_atomic(table, storage.join(out_dir, name))
+    for o in outs:
+        if o.rsplit("/", 1)[-1] != name:
+            storage.delete_dir(o)

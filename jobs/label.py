@@ -39,7 +39,7 @@ from emotion_core.schema import athena_ddl
 
 from . import _cli, _label_commit, _label_plan, _listing
 from ._cli import JobError, UsageError
-from ._label_infer import Labeller
+from ._label_infer import Labeller, label_isolated
 from ._label_lock import LockHeld, PartitionLock
 
 JOB = "label"
@@ -256,36 +256,44 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
     if not todo:
         return outputs, len(plan.units)
     gpu = args.gpus_per_actor > 0
+    labeller = {
+        "model_uri": model_uri,
+        "expected_version": manifest.version,
+        "expected_sha256": manifest.weights_sha256,
+        "run_constants": {"model_name": manifest.architecture, "model_version": manifest.version, "run_id": run_id},
+        "out_dir": out_dir,
+        "device": "cuda" if gpu else "cpu",
+        "threads": max(1, int(args.cpus_per_actor)),
+        "fetch_threads": args.fetch_threads,
+        "infer_batch": args.batch_size,
+        "chunk_rows": args.block_rows,
+        "max_object_bytes": args.max_object_bytes,
+        "jit": not args.no_jit,
+    }
     units = ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
-    with warnings.catch_warnings():  # Ray 2.60 takes max_restarts/max_task_retries only as ray_remote_args
-        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        results = units.map_batches(
-            Labeller,
-            fn_constructor_kwargs={
-                "model_uri": model_uri,
-                "expected_version": manifest.version,
-                "expected_sha256": manifest.weights_sha256,
-                "run_constants": {"model_name": manifest.architecture, "model_version": manifest.version,
-                                  "run_id": run_id},
-                "out_dir": out_dir,
-                "device": "cuda" if gpu else "cpu",
-                "threads": max(1, int(args.cpus_per_actor)),
-                "fetch_threads": args.fetch_threads,
-                "infer_batch": args.batch_size,
-                "chunk_rows": args.block_rows,
-                "max_object_bytes": args.max_object_bytes,
-                "jit": not args.no_jit,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=compute,
-            num_cpus=args.cpus_per_actor,
-            num_gpus=args.gpus_per_actor if gpu else None,
-            max_restarts=args.max_retries,
-            max_task_retries=args.max_retries,
-        ).take_all()
-    if len(results) != len(todo):
-        raise JobError(f"{len(results)} of {len(todo)} work units reported back; nothing committed")
+    try:
+        with warnings.catch_warnings():  # Ray 2.60 takes max_restarts/max_task_retries only as ray_remote_args
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+            units.map_batches(
+                Labeller,
+                fn_constructor_kwargs=labeller,
+                batch_size=1,
+                batch_format="numpy",
+                compute=compute,
+                num_cpus=args.cpus_per_actor,
+                num_gpus=args.gpus_per_actor if gpu else None,
+                max_restarts=args.max_retries,
+                max_task_retries=args.max_retries,
+            ).materialize()
+    except Exception as e:  # e.g. an image that kills its actor on every retry: isolate it, lose nothing else
+        done = _label_commit.existing_files(out_dir)
+        left = [u for u in todo if u.rsplit("/", 1)[-1] not in done]
+        _cli.say(JOB, f"the actor pool failed after {args.max_retries} retries ({storage.short_error(e)}); "
+                      f"labelling the {len(left)} unfinished unit(s) in isolation")
+        try:
+            label_isolated(left, labeller, list(manifest.classes), log=print)
+        except Exception as e2:  # not a poison object: a real failure, reported as one line
+            raise JobError(f"labelling failed: {storage.short_error(e2)}; nothing committed") from e2
     return outputs, len(plan.units) - len(todo)
 
 

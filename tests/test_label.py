@@ -319,3 +319,37 @@ def test_empty_input_commits_an_empty_partition(ray_session, tmp_path):
                   "--run-id", "none")
     t = read_partition(out)
     assert t.num_rows == 0 == s["rows"] and t.schema == label_schema(["happy", "sad"])
+
+
+def test_poison_image_is_isolated_as_an_error_row(tmp_path):
+    """An image that kills its worker every time (here a PNG whose decode calls os._exit, through a
+    test-only sitecustomize on the cluster's PYTHONPATH) exhausts the actor's retries; the job then
+    splits the unfinished unit until the poison image is alone, writes it as a worker_crashed row,
+    and labels everything else. The job runs in its own embedded Ray (subprocess) so that only its
+    workers carry the poison."""
+    import subprocess
+    import sys
+
+    from PIL.PngImagePlugin import PngInfo
+
+    model, _ = save_untrained_model(str(tmp_path / "model"), ["happy", "sad"])
+    src = str(tmp_path / "images")
+    put_tree(src, {f"{i:02d}.jpg": face_jpeg("happy", i) for i in range(12)})
+    info = PngInfo()
+    info.add_text("poison", "1")
+    put_tree(src, {"07-poison.png": encode(face("sad", 1), "PNG", pnginfo=info)})
+    out = str(tmp_path / "labels")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([repo, os.path.join(repo, "tests", "poison_site")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.label", "--input", src, "--model", model, "--output", out, "--date", DATE,
+         "--run-id", "poison", "--actors", "1", "--max-retries", "1", "--unit-rows", "7"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=repo,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "in isolation" in proc.stdout
+    rows = {os.path.basename(r["image_uri"]): r for r in read_partition(out).to_pylist()}
+    assert len(rows) == 13
+    assert rows["07-poison.png"]["error"].startswith("worker_crashed") and rows["07-poison.png"]["label"] is None
+    assert all(r["error"] is None and r["label"] for k, r in rows.items() if k != "07-poison.png")
