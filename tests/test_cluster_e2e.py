@@ -48,7 +48,7 @@ def client(cluster):
     return local.client(cluster)
 
 
-def _run(client, entrypoint: list[str], timeout: float = 150):
+def _run(client, entrypoint: list[str], timeout: float = 300):
     from ray.job_submission import JobStatus
 
     renv = submit.runtime_env(str(REPO), submit.forwarded_env())
@@ -98,7 +98,7 @@ def test_train_then_label_through_jobs_api(cluster, client, tmp_path, s3_bucket,
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.chdir(REPO)
     rc = submit.main([
-        "--address", cluster.dashboard_url, "--wait", "--timeout", "150", "--",
+        "--address", cluster.dashboard_url, "--wait", "--timeout", "300", "--",
         "python", "-m", "jobs.label", "--input", str(images), "--model", str(runs / "latest.json"),
         "--output", labels, "--date", "2026-11-20", "--actors", "1",
     ])
@@ -132,7 +132,7 @@ def test_failed_job_reports_failed_with_its_error(cluster, tmp_path):
         "python", "-m", "jobs.label", "--input", str(tmp_path), "--model", str(tmp_path / "no-such-model"),
         "--output", str(tmp_path / "labels"),
     ], renv)
-    out = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=330)
     assert out.returncode == 0, out.stderr[-2000:]
     job_id = next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "Job '" in line)
     from ray.job_submission import JobStatus

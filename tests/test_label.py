@@ -180,30 +180,42 @@ def test_rerun_is_idempotent_and_incremental_skips_unchanged(ray_session, tmp_pa
     assert (s5["rows"], s5["processed"]) == (10, 0)  # no longer listed: it drops out of the snapshot
 
 
-def _kill_when(predicate, class_fragment: str, timeout: float = 120.0) -> dict:
-    """In a thread: once ``predicate()`` holds, SIGKILL one live actor whose class name contains
-    ``class_fragment`` (its pid from Ray's State API). Returns a dict the caller reads after."""
+def _kill_when(predicate, class_fragment: str, timeout: float = 300.0) -> dict:
+    """In a thread: find a live actor whose class name contains ``class_fragment`` (its pid from
+    Ray's State API), then SIGKILL it as soon as ``predicate()`` holds. Returns a dict the caller
+    reads afterwards (``pid``, and ``at``: what the predicate returned at the kill)."""
     import signal
     import threading
     import time
 
+    import ray
     from ray.util.state import list_actors
 
     seen: dict = {}
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, even with others on the machine
 
     def watch():
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not seen:
-            if predicate():
-                for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                    if class_fragment in (a.class_name or "") and a.pid:
-                        seen["at"] = predicate()
-                        os.kill(a.pid, signal.SIGKILL)
-                        seen["pid"] = a.pid
-                        return
-            time.sleep(0.02)
+        pid = None
+        while time.monotonic() < deadline and pid is None:
+            pid = next((a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+                        if class_fragment in (a.class_name or "") and a.pid), None)
+            time.sleep(0.05)
+        while pid is not None and time.monotonic() < deadline:
+            at = predicate()
+            if at:
+                os.kill(pid, signal.SIGKILL)
+                seen.update(pid=pid, at=at)
+                return
+            time.sleep(0.005)
 
-    threading.Thread(target=watch, daemon=True).start()
+    def run():
+        try:
+            watch()
+        except Exception as e:  # surfaced by the caller's assertion
+            seen["error"] = repr(e)
+
+    threading.Thread(target=run, daemon=True).start()
     return seen
 
 
@@ -218,7 +230,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, s3_bucke
     killed = _kill_when(lambda: os.path.isdir(done) and len(os.listdir(done)) or 0, "Labeller")
     s = run_label("--input", src, "--model", model, "--output", out, "--date", DATE, "--run-id", "crash",
                   "--actors", "2", "--unit-rows", "6", "--fetch-threads", "1")
-    assert killed.get("pid"), "no actor was killed"
+    assert killed.get("pid"), f"no actor was killed: {killed}"
     assert killed["at"] < s["work_units"], "the kill came after the last unit: nothing was retried"
     t = read_partition(out)
     assert t.num_rows == 180 and len(set(t["image_uri"].to_pylist())) == 180
