@@ -242,46 +242,64 @@ def start_ray() -> float:
 
 
 def plan_scenario(args) -> dict:
-    """Generate (cached) labelled Parquet + a listing, then time the job's planning in a fresh
-    process, so the peak RSS is the planning's own (plus interpreter and imports)."""
+    """Generate (cached) a labelled previous partition + listing shards, then time the job's
+    planner in a fresh process, so the peak RSS is the planning driver's own (plus interpreter,
+    imports and the Ray client)."""
     from emotion_core.labels import CANONICAL
 
     t0 = time.perf_counter()
     data = C.plan_data(args.workdir, args.sizes["plan_rows"], args.sizes["plan_new"], list(CANONICAL))
     print(f"[plan] inputs ready in {time.perf_counter() - t0:.1f} s: {data}", flush=True)
+    load = C.load_average()
     proc = subprocess.run([sys.executable, "-m", "bench.label_bench", "--plan-child", str(data)],
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"planning child failed:\n{proc.stdout}\n{proc.stderr}")
+        raise SystemExit(f"planning child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["goal_met"] = result["seconds"] < 60 and result["peak_rss_mb"] < 4096
+    result["load_avg"] = [load, C.load_average()]
+    result["goal_met"] = result["seconds"] < 60 and result["peak_rss_mb"] < 4096 and result["counts_ok"]
     return result
 
 
 def plan_child(data: Path) -> dict:
-    """In a fresh process: time ``jobs._label_plan.plan_incremental`` over the generated output
-    table and listing, then the carry-forward read of the skipped rows (reported separately)."""
+    """In a fresh process: time ``jobs._label_plan.make_plan`` (``--incremental``) over the
+    generated listing shards and previous partition, as ``jobs.label`` calls it (the hash joins,
+    the work units and the carried rows written to a staging folder). Ray is started first and
+    not timed (RAY_ADDRESS is used when set)."""
     import pyarrow.parquet as pq
+    import ray
 
     from emotion_core.labels import CANONICAL
-    from jobs import _label_io, _label_plan
+    from jobs import _cli, _label_plan
 
-    listing = _label_io.unique_sorted(pq.read_table(data / "listing.parquet").cast(_label_io.LISTING_SCHEMA))
+    shards = C.plan_listing_shards(data)
+    listed = sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
     labelled = sum(pq.ParquetFile(f).metadata.num_rows for f in (data / "labels").rglob("*.parquet"))
-    rss_before = C.current_rss_mb()
     t0 = time.perf_counter()
-    plan = _label_plan.plan_incremental(listing, str(data / "labels"), C.PLAN_MODEL_VERSION)
-    seconds = time.perf_counter() - t0
-    peak_plan = C.peak_rss_mb()
-    t0 = time.perf_counter()
-    carried = _label_plan.carry_forward(str(data / "labels"), plan.skipped, list(CANONICAL))
-    carry_s = time.perf_counter() - t0
+    _cli.init_ray()
+    ray_init_s = time.perf_counter() - t0
+    stage = Path(tempfile.mkdtemp(prefix="plan-stage-", dir=data.parent))
+    try:
+        rss_before = C.current_rss_mb()
+        peak_before = C.peak_rss_mb()
+        t0 = time.perf_counter()
+        plan = _label_plan.make_plan(
+            shards, listed, str(stage), output=str(data / "labels"), date=RUN_DATE, classes=list(CANONICAL),
+            model_version=C.PLAN_MODEL_VERSION, incremental=True, input_format="auto", unit_rows=20_000)
+        seconds = time.perf_counter() - t0
+        peak = C.peak_rss_mb()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(stage, ignore_errors=True)
+    changed = C.plan_new_count(labelled, listed)
     return {
-        "labelled_rows": labelled, "listing_rows": listing.num_rows, "todo": plan.todo.num_rows,
-        "skipped": plan.skipped.num_rows, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_plan),
-        "rss_before_plan_mb": round(rss_before), "carry_forward_rows": carried.num_rows,
-        "carry_forward_seconds": round(carry_s, 2), "peak_rss_with_carry_forward_mb": round(C.peak_rss_mb()),
-        "function": "jobs._label_plan.plan_incremental(listing, output_uri, model_version)",
+        "labelled_rows": labelled, "listing_rows": listed, "listing_shards": len(shards),
+        "previous": plan.previous, "todo": plan.todo_rows, "work_units": len(plan.units),
+        "carried": plan.carried_rows, "carry_files": len(plan.carried),
+        "counts_ok": plan.todo_rows == changed and plan.carried_rows == listed - changed,
+        "seconds": round(seconds, 2), "peak_rss_mb": round(peak), "peak_rss_before_plan_mb": round(peak_before),
+        "rss_before_plan_mb": round(rss_before), "ray_init_s": round(ray_init_s, 1),
+        "function": "jobs._label_plan.make_plan(listing shards, ..., incremental=True, unit_rows=20000)",
     }
 
 
