@@ -130,6 +130,50 @@ def fer_files(fer_root: Path) -> list[Path]:
     return files
 
 
+def fer_members(fer_root: Path, n: int) -> Iterator[tuple[str, bytes]]:
+    """``n`` shard members ``(name, bytes)`` from the FER faces, cycling over them when ``n`` is
+    larger than the folder: the bytes repeat, the names never do
+    (``<class>/<index>-<original stem>.jpg``; WebDataset keys are unique too)."""
+    files = fer_files(fer_root)
+    cache: dict[int, bytes] = {}
+    for i in range(n):
+        k = i % len(files)
+        if k not in cache:
+            cache[k] = files[k].read_bytes()
+        p = files[k]
+        yield f"{p.parent.name}/{i:08d}-{p.stem}.jpg", cache[k]
+
+
+def fer_webdataset(fer_root: Path, n: int, workdir: Path, members_per_shard: int = 5000) -> Path:
+    """WebDataset ``.tar`` shards of ``n`` members built from the FER faces
+    (:func:`fer_members`, :func:`emotion_core.shards.write_webdataset`), cached under ``workdir``.
+    Shard *i* holds members ``[i * members_per_shard, (i + 1) * members_per_shard)``; so a smaller
+    set is a prefix of a larger one and, where the larger one is cached, is made of hard links to
+    its first shards (no second copy of the bytes)."""
+    from emotion_core.shards import write_webdataset
+
+    out = workdir / f"fer_wds_n{n}_m{members_per_shard}"
+    if (out / ".complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    n_shards = -(-n // members_per_shard)
+    bigger = sorted(
+        (p for p in workdir.glob(f"fer_wds_n*_m{members_per_shard}") if (p / ".complete").exists()
+         and int(p.name.split("_")[2][1:]) >= n and int(p.name.split("_")[2][1:]) % members_per_shard == 0),
+        key=lambda p: int(p.name.split("_")[2][1:]))
+    if bigger and n % members_per_shard == 0:
+        for i in range(n_shards):
+            os.link(bigger[0] / f"shard-{i:06d}.tar", out / f"shard-{i:06d}.tar")
+    else:
+        members = fer_members(fer_root, n)
+        for i in range(n_shards):
+            chunk = [next(members) for _ in range(min(members_per_shard, n - i * members_per_shard))]
+            (out / f"shard-{i:06d}.tar").write_bytes(write_webdataset(chunk))
+    (out / ".complete").touch()
+    return out
+
+
 def _draw_large_photo(rng: np.random.Generator, noise: np.ndarray, width: int, height: int):
     """A colour photo-like JPEG source: background shapes, a drawn face (ellipse, eyes, brows,
     mouth) at a random place and scale, then camera-like noise."""
