@@ -1,7 +1,8 @@
 """Benchmark of the labelling job (`jobs.label`) against a naive single-process loop.
 
-    python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick]
-                                [--only local,s3,large,plan,throttled] [--slowdown 0.05] [--repeats 2]
+    python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick] [--repeats 2]
+                                [--only local,s3,large,plan,throttled,shards,scale] [--slowdown 0.05]
+                                [--scale-sizes 20000,200000,1000000] [--scale-repeats N] [--shards-n 10000]
 
 Scenarios, each on the same inputs for both sides:
   local  real FER faces (48x48 JPEGs, ~1.5 KB) read in place from local disk. Goal >= 1.0x naive.
@@ -16,9 +17,18 @@ Scenarios, each on the same inputs for both sides:
   large  >= 1 megapixel colour JPEGs (generated) on local disk. The naive loop decodes full size
          and resizes (Image.open().convert("L").resize()); the job uses the shared preprocessing
          (JPEG draft-mode reduced decode). Goal >= 3x naive.
-  plan   incremental planning over 1,000,000 already-labelled rows (generated Parquet, 4 dt
-         partitions) and a listing of 1,050,000 objects (50,000 new, 5,000 changed), in a fresh
-         process. Goal < 60 s and a few GB peak RSS.
+  plan   ``jobs._label_plan.make_plan`` (--incremental: Ray Data hash joins) over 1,000,000
+         already-labelled rows in the previous dt= partition and a listing of 1,050,000 objects as
+         4 Parquet listing shards (50,000 new, 5,000 changed), in a fresh process (Ray start not
+         timed). Goal < 60 s and a few GB driver peak RSS.
+  shards the same 10,000 FER faces behind the 20 ms proxy as loose objects and as 10 WebDataset
+         shards of 1,000, alternating (--repeats rounds): images/s and object GETs per image,
+         counted at the proxy. Goal: shards >= 10x loose images/s.
+  scale  ``python -m jobs.label`` as a subprocess per size (20k, 200k, 1M) on WebDataset shards of
+         5,000 FER faces (bytes repeat, names do not; built once under --workdir, smaller sets are
+         hard links to the first shards), attached by RAY_ADDRESS to one Ray started here: wall time,
+         images/s, the job's driver_peak_rss_mb and per-step seconds. Goals: driver peak RSS grows
+         < 50 MB from 20k to 1M; images/s at 1M >= 0.9x 200k.
 
 The naive loop (bench/_common.py) is: list -> read/GET one object at a time -> decode ->
 eager PyTorch forward in batches of 256 with torch threads = all cores -> one Parquet file of the
@@ -27,7 +37,8 @@ job's schema. It runs before Ray starts, so it has the machine to itself.
 The pipeline is ``jobs.label.main([...])`` in this process on an embedded Ray started once
 (``ray.init()`` with default num_cpus; its start-up is NOT timed). Timed: the whole call, i.e.
 listing, model checks, Ray Data execution including actor start-up and model loading, the
-Parquet write and the commit of the partition. Results go to bench/results/label.json.
+Parquet write and the commit of the partition. Results go to bench/results/label.json (or
+--output-json). Every measurement records the load average when it started: the machine is shared.
 """
 
 from __future__ import annotations
