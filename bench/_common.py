@@ -83,7 +83,7 @@ class LocalFile:
 
 
 def list_local(root: str | Path) -> list[LocalFile]:
-    """Image files under ``root``, recursively, sorted; symlinks are followed (subset dirs)."""
+    """Image files under ``root``, recursively, sorted."""
     out = []
     for dirpath, _, names in os.walk(root, followlinks=True):
         for name in names:
@@ -98,27 +98,80 @@ def list_local(root: str | Path) -> list[LocalFile]:
 def fer_subset(fer_root: Path, n: int, workdir: Path) -> tuple[Path, int]:
     """A directory holding exactly ``n`` FER faces (class sub-folders kept).
 
-    The whole folder is used in place when ``n`` covers it; otherwise a directory of symlinks to
-    the first ``n`` files in sorted order is made under ``workdir`` (outside the repo, never copies),
-    so the job and the naive loop list exactly the same inputs. Returns (dir, count).
+    The whole folder is used in place when ``n`` covers it; otherwise a directory of hard links to
+    the first ``n`` files in sorted order is made under ``workdir`` (outside the repo; a copy only
+    where a hard link cannot be made, across filesystems), so the job and the naive loop list
+    exactly the same inputs. Not symlinks: the job's listing does not follow symlinks that leave
+    the listed folder (they become ``not_followed`` error rows). Returns (dir, count).
     """
-    files = sorted(p for p in fer_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise SystemExit(f"no images under {fer_root}: pass --fer DIR (the FER2013 train folder)")
+    files = fer_files(fer_root)
     if n >= len(files):
         return fer_root.resolve(), len(files)
-    subset = workdir / f"fer_subset_{n}"
+    subset = workdir / f"fer_links_{n}"
     marker = subset / ".complete"
     if not marker.exists():
-        import shutil
-
         shutil.rmtree(subset, ignore_errors=True)
         for p in files[:n]:
             link = subset / p.parent.name / p.name
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(p.resolve())
+            try:
+                os.link(p, link)
+            except OSError:  # another filesystem: a copy (faces are ~1.5 KB)
+                shutil.copyfile(p, link)
         marker.touch()
     return subset, n
+
+
+def fer_files(fer_root: Path) -> list[Path]:
+    """The FER faces under ``fer_root``, sorted."""
+    files = sorted(p for p in Path(fer_root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise SystemExit(f"no images under {fer_root}: pass --fer DIR (the FER2013 train folder)")
+    return files
+
+
+def fer_members(fer_root: Path, n: int) -> Iterator[tuple[str, bytes]]:
+    """``n`` shard members ``(name, bytes)`` from the FER faces, cycling over them when ``n`` is
+    larger than the folder: the bytes repeat, the names never do
+    (``<class>/<index>-<original stem>.jpg``; WebDataset keys are unique too)."""
+    files = fer_files(fer_root)
+    cache: dict[int, bytes] = {}
+    for i in range(n):
+        k = i % len(files)
+        if k not in cache:
+            cache[k] = files[k].read_bytes()
+        p = files[k]
+        yield f"{p.parent.name}/{i:08d}-{p.stem}.jpg", cache[k]
+
+
+def fer_webdataset(fer_root: Path, n: int, workdir: Path, members_per_shard: int = 5000) -> Path:
+    """WebDataset ``.tar`` shards of ``n`` members built from the FER faces
+    (:func:`fer_members`, :func:`emotion_core.shards.write_webdataset`), cached under ``workdir``.
+    Shard *i* holds members ``[i * members_per_shard, (i + 1) * members_per_shard)``; so a smaller
+    set is a prefix of a larger one and, where the larger one is cached, is made of hard links to
+    its first shards (no second copy of the bytes)."""
+    from emotion_core.shards import write_webdataset
+
+    out = workdir / f"fer_wds_n{n}_m{members_per_shard}"
+    if (out / ".complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    n_shards = -(-n // members_per_shard)
+    bigger = sorted(
+        (p for p in workdir.glob(f"fer_wds_n*_m{members_per_shard}") if (p / ".complete").exists()
+         and int(p.name.split("_")[2][1:]) >= n and int(p.name.split("_")[2][1:]) % members_per_shard == 0),
+        key=lambda p: int(p.name.split("_")[2][1:]))
+    if bigger and n % members_per_shard == 0:
+        for i in range(n_shards):
+            os.link(bigger[0] / f"shard-{i:06d}.tar", out / f"shard-{i:06d}.tar")
+    else:
+        members = fer_members(fer_root, n)
+        for i in range(n_shards):
+            chunk = [next(members) for _ in range(min(members_per_shard, n - i * members_per_shard))]
+            (out / f"shard-{i:06d}.tar").write_bytes(write_webdataset(chunk))
+    (out / ".complete").touch()
+    return out
 
 
 def _draw_large_photo(rng: np.random.Generator, noise: np.ndarray, width: int, height: int):
@@ -408,6 +461,8 @@ def naive_label(
         cols["width"].append(w)
         cols["height"].append(h)
         cols["error"].append(error)
+        cols["shard_uri"].append(None)  # loose objects only
+        cols["shard_member"].append(None)
 
     def flush() -> None:
         if not pending:
@@ -453,7 +508,8 @@ def s3_reader(endpoint: str) -> Callable[[Item], bytes]:
 # Incremental planning data
 
 PLAN_MODEL_VERSION = "20240101T000000Z-benchplan"
-PLAN_DATES = ("2024-05-28", "2024-05-29", "2024-05-30", "2024-05-31")
+PLAN_PREVIOUS_DATE = "2024-05-31"  # the latest partition: the previous state of an incremental run
+PLAN_FILES = 4  # files of the previous partition, and listing shards
 
 
 def _uris(ids: np.ndarray) -> list[str]:
@@ -471,18 +527,21 @@ def _etags(rng: np.random.Generator, n: int) -> list[str]:
 def plan_data(workdir: Path, rows: int, new: int, classes: list[str], seed: int = 0) -> Path:
     """Generated inputs for the incremental-planning benchmark, cached under ``workdir``:
 
-    - ``labels/dt=<date>/part-0.parquet``: ``rows`` already-labelled rows of the label schema,
-      spread over a few dates, labelled by model version :data:`PLAN_MODEL_VERSION`;
-    - ``listing.parquet``: a bucket listing (image_uri, etag, size_bytes, last_modified) of
-      ``rows + new`` objects: every labelled object (``new // 10`` of them with a changed etag)
-      plus ``new`` new objects. So ``new + new // 10`` objects need labelling.
+    - ``labels/dt=<PLAN_PREVIOUS_DATE>/part-<i>.parquet``: ``rows`` already-labelled rows of the
+      label schema in one partition (the previous state is the latest partition only), labelled by
+      model version :data:`PLAN_MODEL_VERSION`, in :data:`PLAN_FILES` files;
+    - ``listing/part-<i>.parquet``: a bucket listing as the job's listing shards
+      (:data:`storage.LISTING_SCHEMA`, each shard sorted by ``image_uri``) of ``rows + new``
+      objects: every labelled object (``new // 10`` of them with a changed etag) plus ``new`` new
+      objects. So ``new + new // 10`` objects need labelling.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from emotion_core.schema import label_schema, prob_column
+    from emotion_core.storage import LISTING_SCHEMA
 
-    out = workdir / f"plan_r{rows}_n{new}_s{seed}"
+    out = workdir / f"plan_shards_r{rows}_n{new}_s{seed}"
     if (out / ".complete").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -494,12 +553,14 @@ def plan_data(workdir: Path, rows: int, new: int, classes: list[str], seed: int 
     sizes = rng.integers(800, 4000, rows)
     base = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
     modified = [base + dt.timedelta(seconds=int(s)) for s in rng.integers(0, 27 * 86400, rows)]
-    labelled_at = dt.datetime(2024, 5, 28, 3, 0, tzinfo=dt.UTC)
+    labelled_at = dt.datetime(2024, 5, 31, 3, 0, tzinfo=dt.UTC)
     probs = rng.dirichlet(np.ones(len(classes)), rows).astype(np.float32)
     top = probs.argmax(1)
     uris = _uris(old_ids)
-    for k, date in enumerate(PLAN_DATES):
-        sl = slice(k * rows // len(PLAN_DATES), (k + 1) * rows // len(PLAN_DATES))
+    part = out / "labels" / f"dt={PLAN_PREVIOUS_DATE}"
+    part.mkdir(parents=True)
+    for k in range(PLAN_FILES):
+        sl = slice(k * rows // PLAN_FILES, (k + 1) * rows // PLAN_FILES)
         m = sl.stop - sl.start
         cols = {
             "image_uri": uris[sl], "etag": etags[sl], "size_bytes": sizes[sl],
@@ -507,25 +568,42 @@ def plan_data(workdir: Path, rows: int, new: int, classes: list[str], seed: int 
             "confidence": probs[sl].max(1),
             **{prob_column(c): probs[sl, i] for i, c in enumerate(classes)},
             "model_name": ["cnn"] * m, "model_version": [PLAN_MODEL_VERSION] * m,
-            "run_id": [f"run-{date}"] * m, "labelled_at": [labelled_at] * m,
+            "run_id": [f"run-{PLAN_PREVIOUS_DATE}"] * m, "labelled_at": [labelled_at] * m,
             "width": np.full(m, 48, np.int32), "height": np.full(m, 48, np.int32), "error": [None] * m,
+            "shard_uri": [None] * m, "shard_member": [None] * m,
         }
-        part = out / "labels" / f"dt={date}"
-        part.mkdir(parents=True)
-        pq.write_table(pa.table(cols, schema=schema), part / "part-0.parquet", row_group_size=128 * 1024)
+        pq.write_table(pa.table(cols, schema=schema).sort_by("image_uri"), part / f"part-{k}.parquet",
+                       row_group_size=128 * 1024)
     # The listing: changed etags for new // 10 of the labelled objects, then the new objects.
     changed = rng.choice(rows, new // 10, replace=False)
     list_etags = list(etags)
     for i, e in zip(changed.tolist(), _etags(rng, len(changed))):
         list_etags[i] = e
     n_new = len(new_ids)
+    total = rows + n_new
     listing = pa.table({
         "image_uri": uris + _uris(new_ids),
         "etag": list_etags + _etags(rng, n_new),
         "size_bytes": np.concatenate([sizes, rng.integers(800, 4000, n_new)]),
         "last_modified": modified + [base + dt.timedelta(days=28)] * n_new,
-    }, schema=pa.schema([("image_uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64()),
-                         ("last_modified", pa.timestamp("ms", tz="UTC"))]))
-    pq.write_table(listing, out / "listing.parquet")
+        "error": pa.nulls(total, pa.string()),
+    }, schema=LISTING_SCHEMA)
+    listing = listing.take(rng.permutation(total))  # shards hold unrelated keys, as prefixes would
+    (out / "listing").mkdir()
+    for k in range(PLAN_FILES):
+        shard = listing.slice(k * total // PLAN_FILES, (k + 1) * total // PLAN_FILES - k * total // PLAN_FILES)
+        pq.write_table(shard.sort_by("image_uri"), out / "listing" / f"part-{k}.parquet")
     (out / ".complete").touch()
     return out
+
+
+def plan_listing_shards(data: Path) -> list[str]:
+    """The listing shards of :func:`plan_data`, as the job's lister returns them."""
+    return sorted(str(p) for p in (data / "listing").glob("*.parquet"))
+
+
+def plan_new_count(labelled: int, listed: int) -> int:
+    """Objects of :func:`plan_data`'s listing that need labelling: the new ones plus the tenth of
+    that number whose etag changed."""
+    new = listed - labelled
+    return new + new // 10

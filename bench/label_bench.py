@@ -1,7 +1,8 @@
 """Benchmark of the labelling job (`jobs.label`) against a naive single-process loop.
 
-    python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick]
-                                [--only local,s3,large,plan,throttled] [--slowdown 0.05] [--repeats 2]
+    python -m bench.label_bench [--fer ../shared/data/fer2013/train] [--n 20000] [--quick] [--repeats 2]
+                                [--only local,s3,large,plan,throttled,shards,scale] [--slowdown 0.05]
+                                [--scale-sizes 20000,200000,1000000] [--scale-repeats N] [--shards-n 10000]
 
 Scenarios, each on the same inputs for both sides:
   local  real FER faces (48x48 JPEGs, ~1.5 KB) read in place from local disk. Goal >= 1.0x naive.
@@ -16,9 +17,18 @@ Scenarios, each on the same inputs for both sides:
   large  >= 1 megapixel colour JPEGs (generated) on local disk. The naive loop decodes full size
          and resizes (Image.open().convert("L").resize()); the job uses the shared preprocessing
          (JPEG draft-mode reduced decode). Goal >= 3x naive.
-  plan   incremental planning over 1,000,000 already-labelled rows (generated Parquet, 4 dt
-         partitions) and a listing of 1,050,000 objects (50,000 new, 5,000 changed), in a fresh
-         process. Goal < 60 s and a few GB peak RSS.
+  plan   ``jobs._label_plan.make_plan`` (--incremental: Ray Data hash joins) over 1,000,000
+         already-labelled rows in the previous dt= partition and a listing of 1,050,000 objects as
+         4 Parquet listing shards (50,000 new, 5,000 changed), in a fresh process (Ray start not
+         timed). Goal < 60 s and a few GB driver peak RSS.
+  shards the same 10,000 FER faces behind the 20 ms proxy as loose objects and as 10 WebDataset
+         shards of 1,000, alternating (--repeats rounds): images/s and object GETs per image,
+         counted at the proxy. Goal: shards >= 10x loose images/s.
+  scale  ``python -m jobs.label`` as a subprocess per size (20k, 200k, 1M) on WebDataset shards of
+         5,000 FER faces (bytes repeat, names do not; built once under --workdir, smaller sets are
+         hard links to the first shards), attached by RAY_ADDRESS to one Ray started here: wall time,
+         images/s, the job's driver_peak_rss_mb and per-step seconds. Goals: driver peak RSS grows
+         < 50 MB from 20k to 1M; images/s at 1M >= 0.9x 200k.
 
 The naive loop (bench/_common.py) is: list -> read/GET one object at a time -> decode ->
 eager PyTorch forward in batches of 256 with torch threads = all cores -> one Parquet file of the
@@ -27,7 +37,8 @@ job's schema. It runs before Ray starts, so it has the machine to itself.
 The pipeline is ``jobs.label.main([...])`` in this process on an embedded Ray started once
 (``ray.init()`` with default num_cpus; its start-up is NOT timed). Timed: the whole call, i.e.
 listing, model checks, Ray Data execution including actor start-up and model loading, the
-Parquet write and the commit of the partition. Results go to bench/results/label.json.
+Parquet write and the commit of the partition. Results go to bench/results/label.json (or
+--output-json). Every measurement records the load average when it started: the machine is shared.
 """
 
 from __future__ import annotations
@@ -55,11 +66,15 @@ RUN_DATE = "2024-06-01"
 BUCKET = "bench-faces"
 
 FULL = {"local": 20000, "s3": 5000, "s3_naive": 1000, "ceiling_gets": 3000, "large": 1000,
-        "plan_rows": 1_000_000, "plan_new": 50_000, "throttled": 3000}
+        "plan_rows": 1_000_000, "plan_new": 50_000, "throttled": 3000, "shards": 10_000, "shard_members": 1000,
+        "scale": (20_000, 200_000, 1_000_000), "scale_members": 5000}
 QUICK = {"local": 600, "s3": 300, "s3_naive": 100, "ceiling_gets": 300, "large": 30,
-         "plan_rows": 20_000, "plan_new": 1_000, "throttled": 200}
+         "plan_rows": 20_000, "plan_new": 1_000, "throttled": 200, "shards": 300, "shard_members": 100,
+         "scale": (2000, 6000), "scale_members": 500}
 GOALS = {"local": "ratio >= 1.0", "s3": "pipeline >= 0.8 x ceiling", "large": "ratio >= 3.0",
-         "plan": "< 60 s, a few GB", "throttled": "throttled >= 0.5 x unthrottled, nothing lost"}
+         "plan": "< 60 s, a few GB", "throttled": "throttled >= 0.5 x unthrottled, nothing lost",
+         "shards": "shards >= 10 x loose images/s",
+         "scale": "driver peak RSS +< 50 MB from smallest to largest; images/s at largest >= 0.9 x the one before"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,10 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slowdown", type=float, default=0.05,
                    help="'throttled': share of object GETs answered 503 SlowDown (default %(default)s)")
     p.add_argument("--repeats", type=int, default=2,
-                   help="'throttled': unthrottled/throttled pairs to run (default %(default)s)")
+                   help="'throttled', 'shards', 'scale': rounds of the compared runs (default %(default)s)")
+    p.add_argument("--scale-sizes", help="'scale': comma-separated object counts (default 20000,200000,1000000)")
+    p.add_argument("--scale-repeats", type=int, help="'scale': rounds over the sizes (default --repeats)")
+    p.add_argument("--shards-n", type=int, help=f"faces for 'shards' (default {FULL['shards']})")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a 1-2 minute smoke run")
-    p.add_argument("--only", default="local,s3,large,plan,throttled",
-                   help="comma-separated subset of local,s3,large,plan,throttled")
+    p.add_argument("--only", default=",".join(GOALS), help=f"comma-separated subset of {','.join(GOALS)}")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "emotion-label-bench",
                    help="scratch space outside the repo; generated inputs are cached here")
     p.add_argument("--job-args", default="", help="extra arguments for jobs.label, e.g. '--batch-size 512'")
@@ -88,9 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     for key, value in (("local", args.n), ("s3", args.s3_n), ("s3_naive", args.s3_naive_n),
-                       ("large", args.large_n), ("plan_rows", args.plan_rows), ("throttled", args.throttled_n)):
+                       ("large", args.large_n), ("plan_rows", args.plan_rows), ("throttled", args.throttled_n),
+                       ("shards", args.shards_n)):
         if value is not None:
             sizes[key] = value
+    if args.scale_sizes:
+        sizes["scale"] = tuple(int(x) for x in args.scale_sizes.split(","))
+    if args.scale_repeats is None:
+        args.scale_repeats = args.repeats
     sizes["s3_naive"] = min(sizes["s3_naive"], sizes["s3"])
     sizes["ceiling_gets"] = min(sizes["ceiling_gets"], sizes["s3"])
     args.sizes = sizes
@@ -100,8 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(GOALS)
     if unknown:
         p.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}; choose from {','.join(GOALS)}")
-    if not 0.0 <= args.slowdown <= 1.0 or args.repeats < 1:
-        p.error("--slowdown must be in [0, 1] and --repeats >= 1")
+    if not 0.0 <= args.slowdown <= 1.0 or args.repeats < 1 or args.scale_repeats < 1:
+        p.error("--slowdown must be in [0, 1] and --repeats, --scale-repeats >= 1")
     return args
 
 
@@ -112,10 +134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def time_naive(list_items, read, decode, model_uri: str, out: Path) -> dict:
     """Time the naive loop, listing included."""
     shutil.rmtree(out, ignore_errors=True)
+    load = C.load_average()
     t0 = time.perf_counter()
     rows = C.naive_label(list_items(), read, decode, model_uri, out / f"dt={RUN_DATE}" / "part-0.parquet")
     seconds = time.perf_counter() - t0
-    return {"n": rows, "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 1)}
+    return {"n": rows, "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 1), "load_avg": load}
 
 
 def shared_decode(spec):
@@ -135,9 +158,10 @@ def run_pipeline(input_uri: str, model_uri: str, out: Path, expected: int, extra
     from jobs import label
 
     shutil.rmtree(out, ignore_errors=True)
-    run_id = f"bench-{int(time.time())}"
+    run_id = f"bench-{time.time_ns()}"
     argv = ["--input", input_uri, "--model", model_uri, "--output", str(out),
             "--date", RUN_DATE, "--run-id", run_id, *extra]
+    load = C.load_average()
     t0 = time.perf_counter()
     rc = label.main(argv)
     seconds = time.perf_counter() - t0
@@ -149,7 +173,7 @@ def run_pipeline(input_uri: str, model_uri: str, out: Path, expected: int, extra
     if rows != expected or errors:
         print(f"WARNING: pipeline wrote {rows} rows ({errors} errors), expected {expected} clean rows")
     result = {"n": rows, "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 1),
-              "errors": errors, "parquet_files": files}
+              "errors": errors, "parquet_files": files, "load_avg": load}
     summary = out / "_runs" / f"{run_id}.json"
     if summary.exists():  # the job's own view: time per step, images/s inside Ray Data
         job = json.loads(summary.read_text())
@@ -171,7 +195,141 @@ def start_s3(stack: contextlib.ExitStack, args) -> C.S3Servers:
         C.upload_files(s3.moto_endpoint, BUCKET, prefix, C.list_local(fer_dir), fer_dir)
         print(f"[{name}] uploaded {n:,} faces to moto in {time.perf_counter() - t0:.1f} s; "
               f"proxy {s3.proxy_endpoint} adds {args.delay_ms:g} ms per request", flush=True)
+    if "shards" in args.scenarios:
+        t0 = time.perf_counter()
+        n, per = upload_shards_inputs(s3.moto_endpoint, args)
+        print(f"[shards] uploaded {n:,} faces to moto as loose objects (shards-loose/) and as "
+              f"{-(-n // per)} tar shards of {per:,} (shards-packed/) in {time.perf_counter() - t0:.1f} s", flush=True)
     return s3
+
+
+def upload_shards_inputs(moto: str, args) -> tuple[int, int]:
+    """The same FER faces twice: loose objects under ``shards-loose/`` and WebDataset shards of
+    ``shard_members`` faces under ``shards-packed/``. Returns (faces, members per shard)."""
+    from emotion_core.shards import write_webdataset
+
+    fer_dir, n = C.fer_subset(args.fer, args.sizes["shards"], args.workdir)
+    args.sizes["shards"] = n
+    files = C.list_local(fer_dir)
+    C.upload_files(moto, BUCKET, "shards-loose", files, fer_dir)
+    per = args.sizes["shard_members"]
+    client = C.boto_client(moto)
+    for i in range(0, n, per):
+        members = [(os.path.relpath(f.uri, fer_dir), Path(f.uri).read_bytes()) for f in files[i : i + per]]
+        client.put_object(Bucket=BUCKET, Key=f"shards-packed/shard-{i // per:05d}.tar", Body=write_webdataset(members))
+    return n, per
+
+
+def proxy_stats(proxy: str) -> dict:
+    """The proxy's counters (object GETs seen, SlowDown answers)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{proxy}/__proxy__/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    import statistics
+
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+            "max": round(max(values), 1), "n": len(values)}
+
+
+def shards_scenario(args, proxy: str, model_uri: str, scratch: Path, extra: list[str]) -> dict:
+    """The same faces behind the proxy as loose objects and as tar shards, alternating, on the same
+    Ray: images/s (end to end, and in the label+write step) and object GETs per image, counted at
+    the proxy."""
+    n = args.sizes["shards"]
+    runs = []
+    for rep in range(args.repeats):
+        for kind in ("loose", "packed"):
+            load = C.load_average()
+            before = proxy_stats(proxy)
+            pipe = run_pipeline(f"s3://{BUCKET}/shards-{kind}", model_uri, scratch / "pipe-shards", n, extra)
+            gets = proxy_stats(proxy)["object_gets"] - before["object_gets"]
+            label_s = (pipe.get("job_seconds") or {}).get("label_write")
+            run = {"repeat": rep, "input": kind, "rows": pipe["n"], "errors": pipe["errors"],
+                   "seconds": pipe["seconds"], "images_per_s": pipe["images_per_s"],
+                   "job_seconds": pipe.get("job_seconds"),
+                   "label_write_images_per_s": round(pipe["n"] / label_s, 1) if label_s else None,
+                   "object_gets": gets, "gets_per_image": round(gets / max(pipe["n"], 1), 4), "load_avg": load}
+            runs.append(run)
+            print(f"[shards] repeat {rep} {kind}: {pipe['images_per_s']:,.0f} img/s end to end in "
+                  f"{pipe['seconds']:.1f} s "
+                  f"({run['label_write_images_per_s'] or 0:,.0f} img/s in label+write), {gets} GETs for {pipe['n']} "
+                  f"rows, load {load[0]:.1f}", flush=True)
+    by = {k: [r for r in runs if r["input"] == k] for k in ("loose", "packed")}
+    ratios = [p["images_per_s"] / lo["images_per_s"] for lo, p in zip(by["loose"], by["packed"])]
+    step = [p["label_write_images_per_s"] / lo["label_write_images_per_s"] for lo, p in zip(by["loose"], by["packed"])
+            if p["label_write_images_per_s"] and lo["label_write_images_per_s"]]
+    return {"n": n, "shard_members": args.sizes["shard_members"], "delay_ms": args.delay_ms, "runs": runs,
+            **{f"{k}_images_per_s": spread([r["images_per_s"] for r in v]) for k, v in by.items()},
+            **{f"{k}_gets_per_image": max(r["gets_per_image"] for r in v) for k, v in by.items()},
+            "ratios": [round(r, 2) for r in ratios], "label_write_ratios": [round(r, 2) for r in step],
+            "goal_met": min(ratios) >= 10}
+
+
+def scale_scenario(args, model_uri: str, scratch: Path, extra: list[str]) -> dict:
+    """``python -m jobs.label`` as its own process per size (so each driver's peak RSS is its own)
+    on WebDataset shards of FER faces, attached with RAY_ADDRESS to the Ray this process started
+    (Ray's start-up is not in the figures). Sizes in rounds: smallest to largest, ``--scale-repeats``
+    times."""
+    import ray
+
+    sizes, per = args.sizes["scale"], args.sizes["scale_members"]
+    inputs = {}
+    for n in sorted(sizes, reverse=True):  # largest first: smaller sets are hard links to its shards
+        t0 = time.perf_counter()
+        inputs[n] = C.fer_webdataset(args.fer, n, args.workdir, per)
+        print(f"[scale] {n:,} faces in {-(-n // per)} shards ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    runs = []
+    for rep in range(args.scale_repeats):
+        for n in sizes:
+            out = scratch / f"scale-{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            run_id = f"bench-scale-{n}-{rep}"
+            argv = [sys.executable, "-m", "jobs.label", "--input", str(inputs[n]), "--model", model_uri,
+                    "--output", str(out), "--date", RUN_DATE, "--run-id", run_id, *extra]
+            load = C.load_average()
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(f"jobs.label exited {proc.returncode} at {n:,}: {shlex.join(argv)}\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            job = json.loads((out / "_runs" / f"{run_id}.json").read_text())
+            shutil.rmtree(out, ignore_errors=True)
+            run = {"repeat": rep, "n": n, "rows": job["rows"], "processed": job["processed"],
+                   "error_rows": job["error_rows"], "work_units": job["work_units"], "wall_s": round(wall, 2),
+                   "images_per_s": round(job["processed"] / wall, 1),
+                   "job_images_per_s": job["images_per_s"], "label_write_images_per_s": job["label_stage_images_per_s"],
+                   "driver_peak_rss_mb": job["driver_peak_rss_mb"], "seconds": job["seconds"],
+                   "load_avg": [load, C.load_average()]}
+            if job["rows"] != n or job["error_rows"]:
+                print(f"WARNING: {n:,} objects gave {job['rows']:,} rows, {job['error_rows']} errors", flush=True)
+            runs.append(run)
+            print(f"[scale] repeat {rep} {n:,}: {wall:.1f} s wall, {run['images_per_s']:,.0f} img/s, driver peak RSS "
+                  f"{run['driver_peak_rss_mb']:.0f} MB, steps {job['seconds']}, load {load[0]:.1f}", flush=True)
+    per_size = {}
+    for n in sizes:
+        mine = [r for r in runs if r["n"] == n]
+        per_size[n] = {k: spread([r[k] for r in mine]) for k in
+                       ("wall_s", "images_per_s", "label_write_images_per_s", "driver_peak_rss_mb")}
+        per_size[n]["seconds"] = {k: spread([r["seconds"][k] for r in mine]) for k in mine[0]["seconds"]}
+    lo, hi = min(sizes), max(sizes)
+    rss_growth = per_size[hi]["driver_peak_rss_mb"]["max"] - per_size[lo]["driver_peak_rss_mb"]["min"]
+    result = {"sizes": list(sizes), "members_per_shard": per, "repeats": args.scale_repeats, "runs": runs,
+              "per_size": per_size, "rss_growth_mb_worst": round(rss_growth, 1),
+              "rss_growth_mb_median": round(per_size[hi]["driver_peak_rss_mb"]["median"]
+                                            - per_size[lo]["driver_peak_rss_mb"]["median"], 1)}
+    if len(sizes) > 1:
+        prev = sorted(sizes)[-2]
+        result["throughput_ratio_largest_vs_previous"] = round(
+            per_size[hi]["images_per_s"]["median"] / per_size[prev]["images_per_s"]["median"], 3)
+        result["goal_met"] = rss_growth < 50 and result["throughput_ratio_largest_vs_previous"] >= 0.9
+    return result
 
 
 def proxy_slowdown(proxy: str, share: float) -> dict:
@@ -204,6 +362,7 @@ def throttled_scenario(args, proxy: str, model_uri: str, scratch: Path, extra: l
     runs = []
     for rep in range(args.repeats):
         for s in (0.0, share):
+            load = C.load_average()
             before = proxy_slowdown(proxy, s)
             pipe = run_pipeline(f"s3://{BUCKET}/throttled", model_uri, scratch / "pipe-throttled", n, extra)
             after = proxy_slowdown(proxy, 0.0)
@@ -212,7 +371,8 @@ def throttled_scenario(args, proxy: str, model_uri: str, scratch: Path, extra: l
                    "rows": pipe["n"], "error_rows": errors,
                    "object_gets": after["object_gets"] - before["object_gets"],
                    "slowdowns_sent": after["slowdowns"] - before["slowdowns"],
-                   "lost": n - pipe["n"] + errors.get("read_failed", 0) + errors.get("not_found", 0)}
+                   "lost": n - pipe["n"] + errors.get("read_failed", 0) + errors.get("not_found", 0),
+                   "load_avg": load}
             runs.append(run)
             print(f"[throttled] repeat {rep} slowdown {s:.0%}: {pipe['images_per_s']:,.0f} img/s in "
                   f"{pipe['seconds']:.1f} s, {run['slowdowns_sent']} SlowDown answers to {run['object_gets']} GETs, "
@@ -242,46 +402,64 @@ def start_ray() -> float:
 
 
 def plan_scenario(args) -> dict:
-    """Generate (cached) labelled Parquet + a listing, then time the job's planning in a fresh
-    process, so the peak RSS is the planning's own (plus interpreter and imports)."""
+    """Generate (cached) a labelled previous partition + listing shards, then time the job's
+    planner in a fresh process, so the peak RSS is the planning driver's own (plus interpreter,
+    imports and the Ray client)."""
     from emotion_core.labels import CANONICAL
 
     t0 = time.perf_counter()
     data = C.plan_data(args.workdir, args.sizes["plan_rows"], args.sizes["plan_new"], list(CANONICAL))
     print(f"[plan] inputs ready in {time.perf_counter() - t0:.1f} s: {data}", flush=True)
+    load = C.load_average()
     proc = subprocess.run([sys.executable, "-m", "bench.label_bench", "--plan-child", str(data)],
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"planning child failed:\n{proc.stdout}\n{proc.stderr}")
+        raise SystemExit(f"planning child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["goal_met"] = result["seconds"] < 60 and result["peak_rss_mb"] < 4096
+    result["load_avg"] = [load, C.load_average()]
+    result["goal_met"] = result["seconds"] < 60 and result["peak_rss_mb"] < 4096 and result["counts_ok"]
     return result
 
 
 def plan_child(data: Path) -> dict:
-    """In a fresh process: time ``jobs._label_plan.plan_incremental`` over the generated output
-    table and listing, then the carry-forward read of the skipped rows (reported separately)."""
+    """In a fresh process: time ``jobs._label_plan.make_plan`` (``--incremental``) over the
+    generated listing shards and previous partition, as ``jobs.label`` calls it (the hash joins,
+    the work units and the carried rows written to a staging folder). Ray is started first and
+    not timed (RAY_ADDRESS is used when set)."""
     import pyarrow.parquet as pq
+    import ray
 
     from emotion_core.labels import CANONICAL
-    from jobs import _label_io, _label_plan
+    from jobs import _cli, _label_plan
 
-    listing = _label_io.unique_sorted(pq.read_table(data / "listing.parquet").cast(_label_io.LISTING_SCHEMA))
+    shards = C.plan_listing_shards(data)
+    listed = sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
     labelled = sum(pq.ParquetFile(f).metadata.num_rows for f in (data / "labels").rglob("*.parquet"))
-    rss_before = C.current_rss_mb()
     t0 = time.perf_counter()
-    plan = _label_plan.plan_incremental(listing, str(data / "labels"), C.PLAN_MODEL_VERSION)
-    seconds = time.perf_counter() - t0
-    peak_plan = C.peak_rss_mb()
-    t0 = time.perf_counter()
-    carried = _label_plan.carry_forward(str(data / "labels"), plan.skipped, list(CANONICAL))
-    carry_s = time.perf_counter() - t0
+    _cli.init_ray()
+    ray_init_s = time.perf_counter() - t0
+    stage = Path(tempfile.mkdtemp(prefix="plan-stage-", dir=data.parent))
+    try:
+        rss_before = C.current_rss_mb()
+        peak_before = C.peak_rss_mb()
+        t0 = time.perf_counter()
+        plan = _label_plan.make_plan(
+            shards, listed, str(stage), output=str(data / "labels"), date=RUN_DATE, classes=list(CANONICAL),
+            model_version=C.PLAN_MODEL_VERSION, incremental=True, input_format="auto", unit_rows=20_000)
+        seconds = time.perf_counter() - t0
+        peak = C.peak_rss_mb()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(stage, ignore_errors=True)
+    changed = C.plan_new_count(labelled, listed)
     return {
-        "labelled_rows": labelled, "listing_rows": listing.num_rows, "todo": plan.todo.num_rows,
-        "skipped": plan.skipped.num_rows, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_plan),
-        "rss_before_plan_mb": round(rss_before), "carry_forward_rows": carried.num_rows,
-        "carry_forward_seconds": round(carry_s, 2), "peak_rss_with_carry_forward_mb": round(C.peak_rss_mb()),
-        "function": "jobs._label_plan.plan_incremental(listing, output_uri, model_version)",
+        "labelled_rows": labelled, "listing_rows": listed, "listing_shards": len(shards),
+        "previous": plan.previous, "todo": plan.todo_rows, "work_units": len(plan.units),
+        "carried": plan.carried_rows, "carry_files": len(plan.carried),
+        "counts_ok": plan.todo_rows == changed and plan.carried_rows == listed - changed,
+        "seconds": round(seconds, 2), "peak_rss_mb": round(peak), "peak_rss_before_plan_mb": round(peak_before),
+        "rss_before_plan_mb": round(rss_before), "ray_init_s": round(ray_init_s, 1),
+        "function": "jobs._label_plan.make_plan(listing shards, ..., incremental=True, unit_rows=20000)",
     }
 
 
@@ -319,10 +497,36 @@ def table(results: dict) -> str:
     if "throttled" in results:
         r = results["throttled"]
         lines.append(
-            f"throttled: {r['n']:,} faces, {r['slowdown']:.0%} SlowDown, +{r['delay_ms']:g} ms, retries {r['retries']}: "
-            f"unthrottled {' / '.join(fmt(x) for x in r['unthrottled_images_per_s'])} img/s, throttled "
-            f"{' / '.join(fmt(x) for x in r['throttled_images_per_s'])} img/s -> {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x "
+            f"throttled: {r['n']:,} faces, {r['slowdown']:.0%} SlowDown, +{r['delay_ms']:g} ms, "
+            f"retries {r['retries']}: unthrottled {' / '.join(fmt(x) for x in r['unthrottled_images_per_s'])} img/s, "
+            f"throttled {' / '.join(fmt(x) for x in r['throttled_images_per_s'])} img/s -> "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x "
             f"(goal {GOALS['throttled']}: {'yes' if r['goal_met'] else 'NO'}; lost {r['lost']})")
+    if "shards" in results:
+        r = results["shards"]
+        lo, pk = r["loose_images_per_s"], r["packed_images_per_s"]
+        lines.append(
+            f"shards: {r['n']:,} faces, +{r['delay_ms']:g} ms/request: loose {fmt(lo['median'])} img/s "
+            f"({fmt(lo['min'])}-{fmt(lo['max'])}), {r['loose_gets_per_image']:.3f} GET/image; tar shards of "
+            f"{r['shard_members']:,}: {fmt(pk['median'])} img/s ({fmt(pk['min'])}-{fmt(pk['max'])}), "
+            f"{r['packed_gets_per_image']:.4f} GET/image -> {' / '.join(f'{x:.1f}x' for x in r['ratios'])} "
+            f"(label+write step {' / '.join(f'{x:.1f}x' for x in r['label_write_ratios'])}; "
+            f"goal {GOALS['shards']}: {'yes' if r['goal_met'] else 'NO'})")
+    if "scale" in results:
+        r = results["scale"]
+        lines.append(f"scale: WebDataset shards of {r['members_per_shard']:,} FER faces, jobs.label as a subprocess "
+                     f"per size, {r['repeats']} round(s); median (min-max)")
+        for n, p in r["per_size"].items():
+            sec = " ".join(f"{k} {v['median']:.1f}" for k, v in p["seconds"].items())
+            lines.append(f"  {int(n):>9,}: wall {p['wall_s']['median']:.1f} s, "
+                         f"{fmt(p['images_per_s']['median'])} img/s "
+                         f"({fmt(p['images_per_s']['min'])}-{fmt(p['images_per_s']['max'])}), driver peak RSS "
+                         f"{p['driver_peak_rss_mb']['median']:.0f} MB ({p['driver_peak_rss_mb']['min']:.0f}-"
+                         f"{p['driver_peak_rss_mb']['max']:.0f}); steps s: {sec}")
+        lines.append(f"  RSS growth {r['rss_growth_mb_median']:+.0f} MB median "
+                     f"({r['rss_growth_mb_worst']:+.0f} worst); "
+                     f"img/s largest / previous {r.get('throughput_ratio_largest_vs_previous', '-')} "
+                     f"(goal {GOALS['scale']}: {'yes' if r.get('goal_met') else 'NO'})")
     return "\n".join(lines)
 
 
@@ -386,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     naive: dict = {}
     try:
         # ---- inputs --------------------------------------------------------------------------
-        if {"local", "s3", "throttled"} & set(scen):
+        if {"local", "s3", "throttled", "shards", "scale"} & set(scen):
             if not args.fer.is_dir():
                 raise SystemExit(f"FER folder {args.fer} not found: pass --fer DIR")
         if "local" in scen:
@@ -398,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"large photos ready in {time.perf_counter() - t0:.1f} s: {large_dir}", flush=True)
 
         with contextlib.ExitStack() as stack:
-            s3 = start_s3(stack, args) if {"s3", "throttled"} & set(scen) else None
+            s3 = start_s3(stack, args) if {"s3", "throttled", "shards"} & set(scen) else None
             # ---- naive loops, before Ray starts ------------------------------------------------
             if "local" in scen:
                 naive["local"] = time_naive(lambda: C.local_items(C.list_local(fer_dir)), C.read_local,
@@ -419,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[s3] ceiling: {ceiling:,.0f} GETs/s (64 threads, {len(keys)} GETs)", flush=True)
 
             # ---- pipelines on one embedded Ray -------------------------------------------------
-            if {"local", "s3", "large", "throttled"} & set(scen):
+            if {"local", "s3", "large", "throttled", "shards", "scale"} & set(scen):
                 meta["ray_init_s"] = round(start_ray(), 2)
                 if "local" in scen:
                     pipe = run_pipeline(str(fer_dir), model_uri, scratch / "pipe-local", sizes["local"], extra)
@@ -442,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                         r["of_ceiling_after_fixed_cost"] = round(pipe["after_fixed_cost_images_per_s"] / ceiling, 3)
                 if "throttled" in scen:
                     results["throttled"] = throttled_scenario(args, s3.proxy_endpoint, model_uri, scratch, extra)
+                if "shards" in scen:
+                    results["shards"] = shards_scenario(args, s3.proxy_endpoint, model_uri, scratch, extra)
+                if "scale" in scen:
+                    results["scale"] = scale_scenario(args, model_uri, scratch, extra)
                 import ray
 
                 ray.shutdown()

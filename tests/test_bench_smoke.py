@@ -97,11 +97,30 @@ def test_naive_loop_writes_the_job_schema(tmp_path):
 def test_plan_data_has_the_promised_counts(tmp_path):
     out = C.plan_data(tmp_path, rows=400, new=40, classes=list(CANONICAL))
     labelled = ds.dataset(out / "labels", format="parquet", partitioning="hive").to_table()
-    listing = pq.read_table(out / "listing.parquet")
-    assert labelled.num_rows == 400 and listing.num_rows == 440
+    shards = C.plan_listing_shards(out)
+    listing = pa.concat_tables(pq.read_table(s) for s in shards)
+    assert labelled.num_rows == 400 and listing.num_rows == 440 and len(shards) == C.PLAN_FILES
+    assert labelled.schema.field("shard_uri") and set(labelled["dt"].to_pylist()) == {C.PLAN_PREVIOUS_DATE}
+    assert listing.schema.equals(storage.LISTING_SCHEMA) and len(listing["image_uri"].unique()) == 440
     old = dict(zip(labelled["image_uri"].to_pylist(), labelled["etag"].to_pylist()))
     todo = [u for u, e in zip(listing["image_uri"].to_pylist(), listing["etag"].to_pylist()) if old.get(u) != e]
-    assert len(todo) == 44
+    assert len(todo) == 44 == C.plan_new_count(400, 440)
+
+
+def test_fer_subset_is_hard_links_the_listing_follows(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "fer"
+    for cls in ("happy", "sad"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (48, 48), 30 * i).save(src / cls / f"{i}.jpg")
+    subset, n = C.fer_subset(src, 4, tmp_path / "work")
+    files = sorted(p for p in subset.rglob("*.jpg"))
+    assert n == 4 and len(files) == 4 and not any(p.is_symlink() for p in files)
+    assert all(p.stat().st_nlink == 2 for p in files)
+    table = storage.list_objects(str(subset))
+    assert table.num_rows == 4 and table["error"].null_count == 4
 
 
 def _jpeg(w: int, h: int) -> bytes:
