@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ACCEPT_CPU_ONLY := 1
 
-.PHONY: install test demo demo-s3 lint bench bench-train bench-label cluster-up cluster-down clean
+.PHONY: install test demo demo-s3 lint bench bench-train bench-label bench-scale cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -36,9 +36,13 @@ bench-train: $(STAMP)
 	$(PY) -m bench.train_bench
 
 bench-label: $(STAMP)
-	$(PY) -m bench.label_bench
+	$(PY) -m bench.label_bench --only local,s3,large,plan,throttled
 
-bench: bench-train bench-label
+bench-scale: $(STAMP)
+	$(PY) -m bench.label_bench --only scale,shards
+	$(PY) -m bench.listing_bench
+
+bench: bench-train bench-label bench-scale
 
 cluster-up: $(STAMP)
 	$(VENV)/bin/python -m cluster.local up
