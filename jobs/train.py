@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -259,6 +260,9 @@ def check_resumable(previous: dict | None, cfg: TrainConfig, run_uri: str) -> No
 
 
 def fit(cfg: TrainConfig, args, decoded) -> ray.train.Result:
+    # The workers' Ray Data iterators inherit the driver's DataContext: without this each epoch's
+    # validation pass printed its own "execution finished" bar; the epoch lines are the progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     fs, path = storage.filesystem(args.output)
     trainer = TorchTrainer(
         train_func,
