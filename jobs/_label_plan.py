@@ -81,7 +81,7 @@ def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str
         prev = ray.data.read_parquet(files, filesystem=storage.filesystem(output)[0])
         prev = prev.map_batches(carryable, fn_kwargs={"classes": classes, "model_version": model_version},
                                 batch_format="pyarrow")
-        parts = max(2, math.ceil(listed / 250_000))
+        parts = max(1, math.ceil(listed / 250_000))  # hash partitions: one per 250k objects
         keys = prev.select_columns(["object_uri", "etag"])
         listing = listing.join(keys, "left_anti", parts, on=("image_uri", "etag"), right_on=("object_uri", "etag"))
         carried = prev.join(ray.data.read_parquet(listing_shards, filesystem=storage.filesystem(stage)[0])
