@@ -36,6 +36,19 @@ from emotion_core.schema import TIMESTAMP, label_schema, prob_column
 
 IMAGE_COLUMNS = ["image_uri", "shard_uri", "shard_member", "etag", "size_bytes", "last_modified"]
 UNIT_KEY, OBJECTS_KEY, SHARDS_KEY = b"emotion.unit", b"emotion.unit_objects", b"emotion.unit_shards"
+SHARD_FORMATS = pa.array(["webdataset", "parquet"])
+
+
+def is_shard(formats) -> pa.Array:
+    """Which listing rows are shard objects (their members are the images)."""
+    return pc.fill_null(pc.is_in(formats, SHARD_FORMATS), False)
+
+
+def unit_metadata(name: str, listing: pa.Table) -> dict:
+    """What the commit checks in a unit's output footer: which unit it is, and how many listed
+    objects (of which shards) it covered."""
+    return {UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
+            SHARDS_KEY: str(int(pc.sum(is_shard(listing["format"])).as_py() or 0))}
 
 
 def fast_forward(model: torch.nn.Module, spec: InputSpec, device: torch.device, jit: bool = True):
@@ -113,18 +126,15 @@ class Labeller:
         parts = []
         for start in range(0, listing.num_rows, self.chunk_rows):
             chunk = listing.slice(start, self.chunk_rows)
-            is_shard = pc.fill_null(pc.is_in(chunk["format"], pa.array(["webdataset", "parquet"])), False)
-            loose = chunk.filter(pc.invert(is_shard))
+            shard = is_shard(chunk["format"])
+            loose = chunk.filter(pc.invert(shard))
             if loose.num_rows:
                 parts.append(self.label_images(*self.read_loose(loose)))
-            for row in chunk.filter(is_shard).to_pylist():
+            for row in chunk.filter(shard).to_pylist():
                 parts.extend(self.label_images(*images) for images in self.read_shard(row))
         table = pa.concat_tables(parts).sort_by("image_uri") if parts else self.schema.empty_table()
-        shard_rows = int(pc.sum(pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))).as_py() or 0)
         name = unit_uri.rsplit("/", 1)[-1]
-        # What the commit checks: which unit this is, and how many listed objects (shards) it covered.
-        table = table.replace_schema_metadata({UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
-                                               SHARDS_KEY: str(shard_rows)})
+        table = table.replace_schema_metadata(unit_metadata(name, listing))
         out = storage.join(self.out_dir, name)
         write_parquet_atomic(table, out)
         return out, table.num_rows
@@ -134,8 +144,11 @@ class Labeller:
     def read_loose(self, listing: pa.Table) -> tuple[pa.Table, list]:
         """Listing rows of plain image objects -> image rows (metadata as read) and their bytes."""
         uris = listing["image_uri"].to_pylist()
-        reads = storage.read_objects(uris, self.fetch_threads, self.max_object_bytes)
         listed_errors = listing["error"].to_pylist()
+        fetched = iter(storage.read_objects([u for u, le in zip(uris, listed_errors) if not le],
+                                            self.fetch_threads, self.max_object_bytes))
+        # rows the listing already marked as errors are not fetched
+        reads = [storage.ObjectRead(None) if le else next(fetched) for le in listed_errors]
         meta = {
             "image_uri": uris,
             "shard_uri": [None] * len(uris),
@@ -313,7 +326,7 @@ def crash_rows(listing: pa.Table, error: str, classes: list[str], constants: dic
     """Error rows, in the label schema, for listed objects that could not be labelled at all."""
     from ._label_plan import conform
 
-    shard = pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))
+    shard = is_shard(listing["format"])
     n = listing.num_rows
     rows = {
         "image_uri": listing["image_uri"],
@@ -330,11 +343,9 @@ def _merge_pieces(unit: str, outs: list[str], out_dir: str) -> None:
     """One output for a unit labelled in pieces (at most one unit's rows, so the driver may)."""
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(o))) for o in outs]
     listing = pq.read_table(io.BytesIO(storage.read_bytes(unit)))
-    shard_rows = int(pc.sum(pc.is_in(listing["format"], pa.array(["webdataset", "parquet"]))).as_py() or 0)
     name = unit.rsplit("/", 1)[-1]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by("image_uri")
-    table = table.replace_schema_metadata({UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
-                                           SHARDS_KEY: str(shard_rows)})
+    table = table.replace_schema_metadata(unit_metadata(name, listing))
     write_parquet_atomic(table, storage.join(out_dir, name))
     for o in outs:
         if o.rsplit("/", 1)[-1] != name:
