@@ -307,17 +307,24 @@ def existing_files(directory: str) -> set[str]:
     return {i.base_name for i in infos if i.type == pafs.FileType.File}
 
 
+def latest_partition(output: str, date: str) -> str | None:
+    """The latest ``dt=`` partition of ``output`` on or before ``date``: every partition is a full
+    snapshot, so it is the previous state of the table for a run of ``date``."""
+    fs, path = storage.filesystem(output)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise storage.StorageError(f"cannot list output {output}: {storage.short_error(e)}") from e
+    days = [i.base_name[3:] for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("dt=")]
+    days = sorted(d for d in days if d <= date)
+    return days[-1] if days else None
+
+
 def previous_rows(output: str, date: str) -> int:
     """Rows of the latest committed partition on or before ``date`` (0 when there is none)."""
-    fs, path = storage.filesystem(output)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    days = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                  and i.base_name.startswith("dt=") and i.base_name[3:] <= date)
-    for day in reversed(days):
-        success = storage.join(output, day, SUCCESS)
-        if storage.exists(success):
-            return int(json.loads(storage.read_bytes(success)).get("rows", 0))
-    return 0
+    day = latest_partition(output, date)
+    success = storage.join(partition_uri(output, day), SUCCESS) if day else None
+    return int(json.loads(storage.read_bytes(success)).get("rows", 0)) if success and storage.exists(success) else 0
 
 
 def write_run_summary(output: str, run_id: str, summary: dict) -> str:

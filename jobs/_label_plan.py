@@ -34,9 +34,9 @@ import pyarrow.fs as pafs
 import ray
 
 from emotion_core import shards, storage
-from emotion_core.schema import PARTITION_COLUMN, label_schema
+from emotion_core.schema import label_schema
 
-from ._label_commit import SUCCESS, partition_uri
+from ._label_commit import SUCCESS, latest_partition, partition_uri
 from ._label_infer import write_parquet_atomic
 
 PLAN_FILE = "plan.json"
@@ -155,17 +155,10 @@ def _write_file(batch: pa.Table, directory: str, prefix: str, schema: pa.Schema 
 def previous_partition(output: str, date: str) -> tuple[str, list[str]] | None:
     """The latest committed ``dt=`` partition on or before ``date`` and its files (from its
     ``_SUCCESS``; every file of the directory for partitions written without one)."""
-    fs, path = storage.filesystem(output)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise storage.StorageError(f"cannot list output {output}: {storage.short_error(e)}") from e
-    days = sorted(i.base_name.split("=", 1)[1] for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{PARTITION_COLUMN}="))
-    days = [d for d in days if d <= date]
-    if not days:
+    day = latest_partition(output, date)
+    if day is None:
         return None
-    part = partition_uri(output, days[-1])
+    part = partition_uri(output, day)
     success = storage.join(part, SUCCESS)
     if storage.exists(success):
         names = json.loads(storage.read_bytes(success))["files"]
@@ -173,4 +166,4 @@ def previous_partition(output: str, date: str) -> tuple[str, list[str]] | None:
         pfs, ppath = storage.filesystem(part)
         names = [i.base_name for i in pfs.get_file_info(pafs.FileSelector(ppath)) if i.base_name.endswith(".parquet")]
     files = [storage.filesystem(storage.join(part, n))[1] for n in sorted(names)]
-    return (days[-1], files) if files else None
+    return (day, files) if files else None
