@@ -1,8 +1,11 @@
 """The Parquet schema of emotion labels: one module defines it, the README documents it.
 
-One row per input image. Partitioned Hive-style by ``dt=YYYY-MM-DD/`` (the partition column is
-in the directory name, not in the files). Timestamps are UTC, millisecond precision (readable by
-Athena/Trino, Spark, DuckDB, pandas and polars alike).
+One row per face found in an input image, keyed by ``(image_uri, face_index)``: an image with
+several faces has several rows; an image where the detector finds no face has one row with
+``face_index`` null, ``faces_in_image`` 0 and no label; an unreadable image has one error row
+(``face_index`` null). With detector ``none`` the whole image is face 0. Partitioned Hive-style by
+``dt=YYYY-MM-DD/`` (the partition column is in the directory name, not in the files). Timestamps
+are UTC, millisecond precision (readable by Athena/Trino, Spark, DuckDB, pandas and polars alike).
 """
 
 from __future__ import annotations
@@ -34,7 +37,19 @@ TAIL_FIELDS: list[pa.Field] = [
     # in it; null for plain image objects. Appended last, so older files read with nulls here.
     pa.field("shard_uri", pa.string()),
     pa.field("shard_member", pa.string()),
+    # Faces (appended after the shard columns; partitions written before read with nulls here):
+    # the box in original-image pixels after EXIF orientation, x/y = top-left corner.
+    pa.field("face_index", pa.int32()),  # 0.. by detector score; null: no face, or an error row
+    pa.field("face_x", pa.int32()),
+    pa.field("face_y", pa.int32()),
+    pa.field("face_w", pa.int32()),
+    pa.field("face_h", pa.int32()),
+    pa.field("face_score", pa.float32()),  # detector score (1.0 for a whole image)
+    pa.field("faces_in_image", pa.int32()),  # faces found in this image; null on error
+    pa.field("face_detector", pa.string()),  # detector that produced the row ("none": whole image)
 ]
+FACE_COLUMNS = ["face_index", "face_x", "face_y", "face_w", "face_h", "face_score", "faces_in_image",
+                "face_detector"]
 
 
 def prob_column(cls: str) -> str:

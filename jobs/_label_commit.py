@@ -85,8 +85,9 @@ def write_empty(stage: str, classes: list[str]) -> str:
 def check_units(units: list[dict], outputs: list[str], threads: int = 32) -> list[int]:
     """Every planned work unit has exactly its own output, covering all of its listed objects
     (from each output's footer: the unit it names and its object count); a unit of plain images
-    has one row per object. Returns each output's row count; raises :class:`CommitError`."""
-    from ._label_infer import OBJECTS_KEY, SHARDS_KEY, UNIT_KEY
+    has rows for exactly as many images as objects (one row per face, or one for an image without
+    faces or with an error). Returns each output's row count; raises :class:`CommitError`."""
+    from ._label_infer import IMAGES_KEY, OBJECTS_KEY, SHARDS_KEY, UNIT_KEY
 
     def footer(uri: str):
         fs, path = storage.filesystem(uri)
@@ -102,7 +103,8 @@ def check_units(units: list[dict], outputs: list[str], threads: int = 32) -> lis
     for unit, out, (rows, meta) in zip(units, outputs, footers):
         name = unit["uri"].rsplit("/", 1)[-1]
         objects, n_shards = int(meta.get(OBJECTS_KEY, -1)), int(meta.get(SHARDS_KEY, 0))
-        if meta.get(UNIT_KEY, b"").decode() != name or objects != unit["rows"] or (not n_shards and rows != objects):
+        images = int(meta.get(IMAGES_KEY, -1))
+        if meta.get(UNIT_KEY, b"").decode() != name or objects != unit["rows"] or (not n_shards and images != objects):
             raise CommitError(f"{out} does not cover work unit {name} ({unit['rows']} objects planned; it names "
                               f"{meta.get(UNIT_KEY, b'?').decode()} with {objects} objects and {rows} rows); "
                               "nothing committed")
@@ -268,33 +270,39 @@ def _quarantine(output: str, run_id: str, intent: dict, reason: str, log) -> Non
 
 
 def count_staged(files: list[str]) -> dict:
-    """Rows, labels and error reasons of staged files, counted by Ray tasks; the driver merges one
-    small row per block."""
+    """Rows, images, faces, images without faces, labels and error reasons of staged files,
+    counted by Ray tasks; the driver merges one small row per block. Each image has exactly one
+    row whose ``face_index`` is 0 or null, so images are counted without a distinct."""
     import ray
 
+    empty = {"rows": 0, "images": 0, "faces": 0, "no_face": 0, "labels": {}, "errors": {}, "error_rows": 0}
     if not files:
-        return {"rows": 0, "labels": {}, "errors": {}, "error_rows": 0}
+        return empty
     fs = storage.filesystem(files[0])[0]
     paths = [storage.filesystem(f)[1] for f in files]
-    parts = ray.data.read_parquet(paths, filesystem=fs, columns=["label", "error"]) \
+    parts = ray.data.read_parquet(paths, filesystem=fs, columns=["label", "error", "face_index", "faces_in_image"]) \
         .map_batches(_count_block, batch_format="pyarrow").take_all()
-    labels: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    rows = 0
+    out = {**empty, "labels": {}, "errors": {}}
     for p in parts:
-        rows += int(p["rows"])
-        for target, key in ((labels, "labels"), (errors, "errors")):
+        for k in ("rows", "images", "faces", "no_face"):
+            out[k] += int(p[k])
+        for key in ("labels", "errors"):
             for k, v in json.loads(p[key]).items():
-                target[k] = target.get(k, 0) + v
-    return {"rows": rows, "labels": dict(sorted(labels.items())), "errors": dict(sorted(errors.items())),
-            "error_rows": sum(errors.values())}
+                out[key][k] = out[key].get(k, 0) + v
+    out["labels"], out["errors"] = dict(sorted(out["labels"].items())), dict(sorted(out["errors"].items()))
+    out["error_rows"] = sum(out["errors"].values())
+    return out
 
 
 def _count_block(batch: pa.Table) -> pa.Table:
     labels = pc.value_counts(batch["label"].drop_null()) if batch.num_rows else []
     reasons = pc.value_counts(pc.replace_substring_regex(batch["error"].drop_null(), "(?s):.*", ""))
+    face = batch["face_index"]
     return pa.table({
         "rows": [batch.num_rows],
+        "images": [pc.sum(pc.fill_null(pc.equal(face, 0), True)).as_py() or 0],
+        "faces": [pc.count(face).as_py()],
+        "no_face": [pc.sum(pc.fill_null(pc.equal(batch["faces_in_image"], 0), False)).as_py() or 0],
         "labels": [json.dumps({v["values"]: v["counts"] for v in (labels.to_pylist() if len(labels) else [])})],
         "errors": [json.dumps({v["values"]: v["counts"] for v in reasons.to_pylist()})],
     })

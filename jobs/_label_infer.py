@@ -30,13 +30,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from emotion_core import faces as F
 from emotion_core import shards, storage
-from emotion_core.preprocess import InputSpec, decode_batch, normalize
+from emotion_core.preprocess import ImageDecodeError, InputSpec, decode_batch, normalize
 from emotion_core.schema import TIMESTAMP, label_schema, prob_column
 
 IMAGE_COLUMNS = ["image_uri", "shard_uri", "shard_member", "etag", "size_bytes", "last_modified"]
 UNIT_KEY, OBJECTS_KEY, SHARDS_KEY = b"emotion.unit", b"emotion.unit_objects", b"emotion.unit_shards"
+IMAGES_KEY = b"emotion.unit_images"
 SHARD_FORMATS = pa.array(["webdataset", "parquet"])
+ROW_ORDER = [("image_uri", "ascending"), ("face_index", "ascending")]  # the key; an image's rows together
 
 
 def is_shard(formats) -> pa.Array:
@@ -44,11 +47,12 @@ def is_shard(formats) -> pa.Array:
     return pc.fill_null(pc.is_in(formats, SHARD_FORMATS), False)
 
 
-def unit_metadata(name: str, listing: pa.Table) -> dict:
-    """What the commit checks in a unit's output footer: which unit it is, and how many listed
-    objects (of which shards) it covered."""
+def unit_metadata(name: str, listing: pa.Table, rows: pa.Table) -> dict:
+    """What the commit checks in a unit's output footer: which unit it is, how many listed objects
+    (of which shards) it covered, and how many distinct images its rows (one per face) are about."""
     return {UNIT_KEY: name, OBJECTS_KEY: str(listing.num_rows),
-            SHARDS_KEY: str(int(pc.sum(is_shard(listing["format"])).as_py() or 0))}
+            SHARDS_KEY: str(int(pc.sum(is_shard(listing["format"])).as_py() or 0)),
+            IMAGES_KEY: str(pc.count_distinct(rows["image_uri"]).as_py() if rows.num_rows else 0)}
 
 
 def fast_forward(model: torch.nn.Module, spec: InputSpec, device: torch.device, jit: bool = True):
@@ -93,6 +97,7 @@ class Labeller:
         max_object_bytes: int = 50 << 20,
         max_shard_bytes: int = 1 << 30,
         jit: bool = True,
+        faces: str = "none",
     ):
         from emotion_core.checkpoint import load_model
 
@@ -111,6 +116,9 @@ class Labeller:
         self.out_dir = out_dir
         self.fetch_threads, self.infer_batch, self.chunk_rows = fetch_threads, infer_batch, chunk_rows
         self.max_object_bytes, self.max_shard_bytes = max_object_bytes, max_shard_bytes
+        self.auto = faces == "auto"
+        self.whole = F.create_detector("none")
+        self.detector = F.create_detector(F.default_detector() if self.auto else faces)
 
     def __call__(self, batch: dict) -> dict:
         outs, rows = [], []
@@ -132,9 +140,9 @@ class Labeller:
                 parts.append(self.label_images(*self.read_loose(loose)))
             for row in chunk.filter(shard).to_pylist():
                 parts.extend(self.label_images(*images) for images in self.read_shard(row))
-        table = pa.concat_tables(parts).sort_by("image_uri") if parts else self.schema.empty_table()
+        table = pa.concat_tables(parts).sort_by(ROW_ORDER) if parts else self.schema.empty_table()
         name = unit_uri.rsplit("/", 1)[-1]
-        table = table.replace_schema_metadata(unit_metadata(name, listing))
+        table = table.replace_schema_metadata(unit_metadata(name, listing, table))
         out = storage.join(self.out_dir, name)
         write_parquet_atomic(table, out)
         return out, table.num_rows
@@ -196,40 +204,90 @@ class Labeller:
         }
         return _image_rows(meta), [m.data for m in members]
 
-    # -- decoding and inference ----------------------------------------------------------------
+    # -- faces, decoding and inference ---------------------------------------------------------
+
+    def find_faces(self, datas: list, read_errors: list) -> list[tuple[F.FoundFaces | str, str | None]]:
+        """Per image: (its faces and their crops at the model input, the detector's name), or
+        (``"<reason>: <detail>"``, None). ``--faces none`` decodes each image whole in one batch
+        (exactly the crop-bucket pixels); ``auto`` picks per image from its header
+        (:func:`emotion_core.faces.needs_detection`); a detector name always detects."""
+        if self.detector.whole_image:
+            pixels, widths, heights, decode_errors = decode_batch(datas, self.spec)
+            return [(r or d, None) if r or d else
+                    (F.FoundFaces([F.Face(0, 0, w, h, 1.0)], pixels[i:i + 1], w, h), self.detector.name)
+                    for i, (r, d, w, h) in enumerate(zip(read_errors, decode_errors, widths, heights))]
+        found: list[tuple[F.FoundFaces | str, str | None]] = []
+        for data, read_error in zip(datas, read_errors):
+            if read_error:
+                found.append((read_error, None))
+                continue
+            try:
+                detector = self.detector
+                if self.auto and not F.needs_detection(*F.image_size(data or b""), self.spec):
+                    detector = self.whole
+                found.append((F.find_faces(data or b"", detector, self.spec), detector.name))
+            except ImageDecodeError as e:
+                found.append((f"{e.reason}: {e.detail or e.reason}", None))
+        return found
 
     def label_images(self, images: pa.Table, datas: list) -> pa.Table:
-        """Image rows + bytes -> result rows in the label schema (label/probabilities null on error)."""
-        pixels, widths, heights, decode_errors = decode_batch(datas, self.spec)
-        read_errors = images["error"].to_pylist()
-        errors = [r or d for r, d in zip(read_errors, decode_errors)]
-        ok = np.array([e is None for e in errors], dtype=bool)
-        probs = np.zeros((len(errors), len(self.classes)), dtype=np.float32)
-        idx = np.flatnonzero(ok)
-        with torch.inference_mode():
-            for start in range(0, len(idx), self.infer_batch):
-                rows = idx[start : start + self.infer_batch]
-                x = torch.from_numpy(pixels[rows]).to(self.device, non_blocking=True)
-                probs[rows] = torch.softmax(self.forward(normalize(x, self.spec)).float(), dim=1).cpu().numpy()
-        widths = [None if r else w for r, w in zip(read_errors, widths)]
-        heights = [None if r else h for r, h in zip(read_errors, heights)]
-        return self.result_table(images, probs, ok, errors, widths, heights)
+        """Image rows + bytes -> result rows in the label schema: one per face, one for an image
+        without faces (face_index null, no label), one error row for an image that failed."""
+        rows: dict[str, list] = {k: [] for k in ("image", "face_index", "box", "score", "in_image", "detector",
+                                                 "error", "width", "height")}
+        crops = []
+        for i, (f, detector) in enumerate(self.find_faces(datas, images["error"].to_pylist())):
+            error = f if isinstance(f, str) else None
+            faces = [] if error else f.faces
+            for k, face in enumerate(faces or [None]):
+                rows["image"].append(i)
+                rows["face_index"].append(k if face else None)
+                rows["box"].append(face.box if face else (None,) * 4)
+                rows["score"].append(face.score if face else None)
+                rows["in_image"].append(None if error else len(faces))
+                rows["error"].append(error)
+                rows["width"].append(None if error else f.width)
+                rows["height"].append(None if error else f.height)
+                rows["detector"].append(detector)
+            if faces:
+                crops.append(f.pixels)
+        has_face = np.array([fi is not None for fi in rows["face_index"]], dtype=bool)
+        probs = np.zeros((len(has_face), len(self.classes)), dtype=np.float32)
+        if crops:
+            probs[has_face] = self.classify(np.concatenate(crops))
+        return self.result_table(images.take(rows["image"]), probs, has_face, rows)
 
-    def result_table(self, images, probs, ok, errors, widths, heights) -> pa.Table:
-        n, bad = images.num_rows, ~ok
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities of uint8 model-input crops ``(N, C, S, S)``, ``infer_batch`` at a time."""
+        out = np.empty((len(pixels), len(self.classes)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.infer_batch):
+                x = torch.from_numpy(pixels[start:start + self.infer_batch]).to(self.device, non_blocking=True)
+                logits = self.forward(normalize(x, self.spec)).float()
+                out[start:start + len(x)] = torch.softmax(logits, 1).cpu().numpy()
+        return out
+
+    def result_table(self, images: pa.Table, probs: np.ndarray, labelled: np.ndarray, rows: dict) -> pa.Table:
+        n, unlabelled = images.num_rows, ~labelled
         best = probs.argmax(axis=1).astype(np.int32) if n else np.zeros(0, np.int32)
         cols = {c: images[c] for c in IMAGE_COLUMNS}
-        labels = pa.DictionaryArray.from_arrays(pa.array(best, mask=bad), pa.array(self.classes))
+        labels = pa.DictionaryArray.from_arrays(pa.array(best, mask=unlabelled), pa.array(self.classes))
         cols["label"] = labels.cast(pa.string())
-        cols["confidence"] = pa.array(probs[np.arange(n), best] if n else [], pa.float32(), mask=bad)
+        cols["confidence"] = pa.array(probs[np.arange(n), best] if n else [], pa.float32(), mask=unlabelled)
         for j, c in enumerate(self.classes):
-            cols[prob_column(c)] = pa.array(probs[:, j], pa.float32(), mask=bad)
+            cols[prob_column(c)] = pa.array(probs[:, j], pa.float32(), mask=unlabelled)
         for name, value in self.constants.items():
             cols[name] = pa.array([value] * n, pa.string())
         cols["labelled_at"] = pa.array(np.full(n, int(time.time() * 1000), dtype=np.int64)).cast(TIMESTAMP)
-        cols["width"] = pa.array(widths, pa.int32())
-        cols["height"] = pa.array(heights, pa.int32())
-        cols["error"] = pa.array(errors, pa.string())
+        cols["width"] = pa.array(rows["width"], pa.int32())
+        cols["height"] = pa.array(rows["height"], pa.int32())
+        cols["error"] = pa.array(rows["error"], pa.string())
+        cols["face_index"] = pa.array(rows["face_index"], pa.int32())
+        for j, name in enumerate(("face_x", "face_y", "face_w", "face_h")):
+            cols[name] = pa.array([b[j] for b in rows["box"]], pa.int32())
+        cols["face_score"] = pa.array(rows["score"], pa.float32())
+        cols["faces_in_image"] = pa.array(rows["in_image"], pa.int32())
+        cols["face_detector"] = pa.array(rows["detector"], pa.string())
         return pa.table({f.name: cols[f.name] for f in self.schema}).cast(self.schema)
 
 
@@ -344,8 +402,8 @@ def _merge_pieces(unit: str, outs: list[str], out_dir: str) -> None:
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(o))) for o in outs]
     listing = pq.read_table(io.BytesIO(storage.read_bytes(unit)))
     name = unit.rsplit("/", 1)[-1]
-    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by("image_uri")
-    table = table.replace_schema_metadata(unit_metadata(name, listing))
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by(ROW_ORDER)
+    table = table.replace_schema_metadata(unit_metadata(name, listing, table))
     write_parquet_atomic(table, storage.join(out_dir, name))
     for o in outs:
         if o.rsplit("/", 1)[-1] != name:

@@ -16,7 +16,12 @@ previous state is the latest partition on or before ``--date`` only. The unit of
 listed object: a plain image, or a whole shard (its members' rows carry the shard's ``etag``).
 An object is unchanged when the previous partition has rows for it with the same ``etag`` and the
 same ``model_version`` and none of them is a read error (``not_found``/``read_failed``/...:
-transient, so labelled again); decode errors of unchanged bytes are data and are carried. Both
+transient, so labelled again); decode errors of unchanged bytes are data and are carried. Faces
+follow the object: all rows of an image (one per face) are carried or relabelled together, and an
+image's rows are carried only if they came from the detector this run would use (``--faces``:
+the named one, ``none``, or under ``auto`` the default detector for images larger than the model
+input and ``none`` for the others, from the row's width and height). Rows written before faces
+existed were whole-image labels: they read as face 0 of detector ``none``. Both
 sides are matched with Ray Data hash joins on ``(object, etag)``: ``left_anti`` gives the work
 units, ``left_semi`` the carried rows. Objects no longer listed drop out of the new snapshot.
 """
@@ -28,6 +33,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -41,6 +47,23 @@ from ._label_infer import write_parquet_atomic
 
 PLAN_FILE = "plan.json"
 FORMATS = shards.FORMATS
+
+
+@dataclass(frozen=True)
+class FaceRule:
+    """Which detector a run applies to an image: ``mode`` is --faces (auto, none or a name),
+    ``detector`` the one used for detection (the default under auto), ``size`` the model input."""
+
+    mode: str = "none"
+    detector: str = "none"
+    size: int = 48
+
+    def expected(self, width: pa.Array, height: pa.Array) -> pa.Array:
+        """The detector name each image of this size gets from this run."""
+        if self.mode != "auto":
+            return pa.array([self.detector] * len(width), pa.string())
+        large = pc.greater(pc.max_element_wise(width, height), self.size)
+        return pc.if_else(pc.fill_null(large, False), self.detector, "none")
 
 
 @dataclass
@@ -68,7 +91,8 @@ class Plan:
 
 
 def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str, date: str, classes: list[str],
-              model_version: str, incremental: bool, input_format: str, unit_rows: int) -> Plan:
+              model_version: str, incremental: bool, input_format: str, unit_rows: int,
+              faces: FaceRule = FaceRule()) -> Plan:
     """Write the work units (and carried rows) under ``stage``; see the module doc."""
     plan = Plan(listed=listed)
     if listed == 0:
@@ -79,8 +103,8 @@ def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str
     if previous is not None:
         plan.previous, files = previous
         prev = ray.data.read_parquet(files, filesystem=storage.filesystem(output)[0])
-        prev = prev.map_batches(carryable, fn_kwargs={"classes": classes, "model_version": model_version},
-                                batch_format="pyarrow")
+        prev = prev.map_batches(carryable, batch_format="pyarrow",
+                                fn_kwargs={"classes": classes, "model_version": model_version, "faces": faces})
         parts = max(1, math.ceil(listed / 250_000))  # hash partitions: one per 250k objects
         keys = prev.select_columns(["object_uri", "etag"])
         listing = listing.join(keys, "left_anti", parts, on=("image_uri", "etag"), right_on=("object_uri", "etag"))
@@ -113,15 +137,34 @@ def add_format(batch: pa.Table, input_format: str) -> pa.Table:
     return batch.filter(pc.is_valid(batch["format"]))
 
 
-def carryable(batch: pa.Table, classes: list[str], model_version: str) -> pa.Table:
+def carryable(batch: pa.Table, classes: list[str], model_version: str, faces: FaceRule = FaceRule()) -> pa.Table:
     """Previous rows that may be carried forward (module doc), in the label schema, plus the
     ``object_uri`` they were listed as (the shard for a member, else the image)."""
-    batch = conform(batch, label_schema(classes))
+    batch = whole_image_faces(conform(batch, label_schema(classes)))
     reason = pc.replace_substring_regex(pc.fill_null(batch["error"], ""), "(?s):.*", "")
     read_error = pc.is_in(reason, value_set=pa.array(list(storage.READ_ERROR_KINDS), pa.string()))
-    keep = pc.and_(pc.equal(batch["model_version"], model_version), pc.invert(read_error))
+    same_faces = pc.or_(pc.is_valid(batch["error"]),  # broken bytes stay broken whatever the detector
+                        pc.equal(batch["face_detector"], faces.expected(batch["width"], batch["height"])))
+    keep = pc.and_(pc.and_(pc.equal(batch["model_version"], model_version), pc.invert(read_error)), same_faces)
     batch = batch.filter(pc.fill_null(keep, False))
     return batch.append_column("object_uri", pc.coalesce(batch["shard_uri"], batch["image_uri"]))
+
+
+def whole_image_faces(batch: pa.Table) -> pa.Table:
+    """Rows written before faces existed (no ``face_detector``, a label) as what they were: the
+    whole image as face 0 of detector ``none``."""
+    old = pc.fill_null(pc.and_(pc.is_null(batch["face_detector"]), pc.is_valid(batch["label"])), False)
+    if not pc.any(old).as_py():
+        return batch
+    n = batch.num_rows
+    values = {"face_index": pa.array(np.zeros(n, np.int32)), "face_x": pa.array(np.zeros(n, np.int32)),
+              "face_y": pa.array(np.zeros(n, np.int32)), "face_w": batch["width"], "face_h": batch["height"],
+              "face_score": pa.array(np.ones(n, np.float32)), "faces_in_image": pa.array(np.ones(n, np.int32)),
+              "face_detector": pa.array(["none"] * n, pa.string())}
+    for name, value in values.items():
+        i = batch.schema.get_field_index(name)
+        batch = batch.set_column(i, batch.schema.field(i), pc.if_else(old, value, batch[name]))
+    return batch
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--input-format", choices=["auto", *_label_plan.FORMATS], default="auto",
       help="images, or shards of images: WebDataset .tar or Parquet with an image-bytes column "
            "(default auto: by file extension)")
+    a("--faces", default="auto", metavar="DETECTOR",
+      help="find faces first and label each one (one row per face): a detector (yunet, retinaface, haar), "
+           "none (each image is one face crop), or auto: images larger than the model input go through the "
+           "default detector, images at or below it are face crops (default %(default)s)")
     a("--batch-size", type=int, default=None,
       help="images per forward pass (default 64 on CPU, where larger batches fall out of cache; 256 on GPU)")
     a("--block-rows", type=int, default=512, help="images fetched, decoded and labelled together (default 512)")
@@ -132,7 +136,7 @@ def label_partition(args, run_id: str, stage: str, model_uri: str, manifest, loc
         plan = _label_plan.make_plan(
             listing.shards, listing.rows, stage, output=args.output, date=args.date, classes=list(manifest.classes),
             model_version=manifest.version, incremental=args.incremental, input_format=args.input_format,
-            unit_rows=unit_rows)
+            unit_rows=unit_rows, faces=_label_plan.FaceRule(args.faces, args.detector, manifest.input_spec.size))
         plan.save(stage)
     else:
         _cli.say(JOB, f"resuming run {run_id}: plan of {len(plan.units)} work units found in {stage}")
@@ -187,6 +191,12 @@ def check_args(args: argparse.Namespace):
         raise UsageError("--max-error-fraction must be between 0 and 1")
     if args.actors is not None and (args.min_actors or args.max_actors):
         raise UsageError("pass either --actors or --min-actors/--max-actors, not both")
+    from emotion_core import faces
+
+    try:  # the detector must exist and be installed here before anything starts
+        args.detector = faces.default_detector() if args.faces == "auto" else faces.create_detector(args.faces).name
+    except (faces.UnknownDetectorError, faces.DetectorUnavailableError) as e:
+        raise UsageError(f"--faces: {e}") from None
     try:
         model_uri = resolve_model_uri(args.model)
         _, manifest = load_model(model_uri)
@@ -269,6 +279,7 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
         "chunk_rows": args.block_rows,
         "max_object_bytes": args.max_object_bytes,
         "jit": not args.no_jit,
+        "faces": args.faces,
     }
     units = ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
     try:
@@ -301,15 +312,16 @@ def check_read_errors(labelled: dict, args) -> None:
     """Objects that could not be read (not decode errors: broken images are data) above
     --max-error-fraction mean an outage: abort before commit."""
     unread = sum(n for reason, n in labelled["errors"].items() if storage.is_read_error(reason + ":"))
-    if labelled["rows"] and unread / labelled["rows"] > args.max_error_fraction:
+    if labelled["images"] and unread / labelled["images"] > args.max_error_fraction:
         reasons = ", ".join(f"{k} {v}" for k, v in labelled["errors"].items() if storage.is_read_error(k + ":"))
-        raise JobError(f"{unread} of {labelled['rows']} objects could not be read ({reasons}): more than "
+        raise JobError(f"{unread} of {labelled['images']} objects could not be read ({reasons}): more than "
                        f"--max-error-fraction {args.max_error_fraction:g}; an outage is not committed as data. "
                        "Fix access and run again (or raise --max-error-fraction)")
 
 
 def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, files, recovered, t) -> dict:
     rows = labelled["rows"] + carried["rows"]
+    images, faces, no_face = (labelled[k] + carried[k] for k in ("images", "faces", "no_face"))
     errors = {k: labelled["errors"].get(k, 0) + carried["errors"].get(k, 0)
               for k in sorted(set(labelled["errors"]) | set(carried["errors"]))}
     labels = {k: labelled["labels"].get(k, 0) + carried["labels"].get(k, 0)
@@ -327,15 +339,21 @@ def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, file
         incremental=args.incremental,
         previous_partition=plan.previous,
         listed=plan.listed,
-        processed=labelled["rows"],
-        skipped=carried["rows"],
+        processed=labelled["images"],
+        skipped=carried["images"],
         work_units=len(plan.units),
         rows=rows,
         labels=labels,
         errors=errors,
         error_rows=sum(errors.values()),
-        images_per_s=round(labelled["rows"] / (t["commit"] - t["start"]), 1) if labelled["rows"] else 0.0,
-        label_stage_images_per_s=round(labelled["rows"] / label_s, 1) if labelled["rows"] and label_s > 0 else 0.0,
+        faces_mode=args.faces,
+        images=images,
+        faces=faces,
+        images_without_faces=no_face,
+        faces_per_image=round(faces / images, 3) if images else 0.0,
+        images_per_s=round(labelled["images"] / (t["commit"] - t["start"]), 1) if labelled["images"] else 0.0,
+        label_stage_images_per_s=round(labelled["images"] / label_s, 1)
+        if labelled["images"] and label_s > 0 else 0.0,
         seconds={"list": round(t["list"] - t["start"], 3), "plan": round(t["plan"] - t["list"], 3),
                  "label_write": round(label_s, 3), "commit": round(t["commit"] - t["label"], 3),
                  "total": round(t["commit"] - t["start"], 3)},
@@ -347,10 +365,16 @@ def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, file
 
 
 def print_summary(s: dict) -> None:
-    _cli.say(JOB, f"{s['partition']}: {s['rows']} rows in {len(s['files'])} file(s); labelled {s['processed']} "
+    _cli.say(JOB, f"{s['partition']}: {s['rows']} rows ({s['images']} images) in {len(s['files'])} file(s); "
+                  f"labelled {s['processed']} "
                   f"({s['images_per_s']:.0f} images/s end to end, {s['label_stage_images_per_s']:.0f}/s in Ray Data), "
                   f"carried {s['skipped']}, {s['error_rows']} error rows, {s['seconds']['total']:.1f} s, "
                   f"driver peak RSS {s['driver_peak_rss_mb']:.0f} MB")
+    if s["faces_mode"] != "none":
+        share = s["images_without_faces"] / s["images"] if s["images"] else 0.0
+        _cli.say(JOB, f"faces ({s['faces_mode']}): {s['faces']} in {s['images']} images, "
+                      f"{s['faces_per_image']:.2f} per image; {s['images_without_faces']} images "
+                      f"({share:.1%}) without a face")
     _cli.say(JOB, f"labels: {json.dumps(s['labels'])}")
     if s["errors"]:
         _cli.say(JOB, f"errors by reason: {json.dumps(s['errors'])}")

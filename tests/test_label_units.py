@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -34,7 +35,8 @@ def _write(path, data: bytes = b"x") -> str:
 # Incremental planning
 
 
-def _rows(uris, etags, version="v1", errors=None, run_id="r1", labelled_at=1_700_000_000_000):
+def _rows(uris, etags, version="v1", errors=None, run_id="r1", labelled_at=1_700_000_000_000, **faces):
+    """Label rows; without ``faces`` columns they are rows written before faces existed."""
     n = len(uris)
     schema = label_schema(CLASSES)
     cols = {
@@ -55,8 +57,9 @@ def _rows(uris, etags, version="v1", errors=None, run_id="r1", labelled_at=1_700
         "error": errors or [None] * n,
         "shard_uri": [None] * n,
         "shard_member": [None] * n,
+        **faces,
     }
-    return pa.table({f.name: pa.array(cols[f.name]).cast(f.type) for f in schema}, schema=schema)
+    return pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
 
 
 def _listing_shard(path, pairs) -> str:
@@ -122,6 +125,32 @@ def test_plan_incremental_semantics(ray_session, tmp_path):
     # a different model version carries nothing; a run for an earlier date plans against day 1
     assert _plan(out, str(tmp_path / "s2"), listing, version="v3").carried == []
     assert _plan(out, str(tmp_path / "s3"), listing, date="2024-05-01").previous == "2024-05-01"
+
+
+def test_carry_rule_follows_the_face_detector():
+    """All rows of an image (one per face) are carried together, and only when the detector that
+    made them is the one this run would use; rows from before faces read as whole-image face 0."""
+    photo = dict(width=[640, 640, 640], height=[480, 480, 480], face_index=[0, 1, None],
+                 faces_in_image=[2, 2, 0], face_detector=["yunet", "yunet", "yunet"])
+    rows = pa.concat_tables([
+        _rows(["p.jpg", "p.jpg", "q.jpg"], ["1", "1", "1"], **photo),  # 2 faces; q: none found
+        _rows(["crop.jpg"], ["1"], face_index=[0], faces_in_image=[1], face_detector=["none"]),
+        _rows(["old.jpg"], ["1"]),  # written before faces: a 48x48 whole-image label
+        _rows(["bad.jpg"], ["1"], errors=["truncated: x"]),
+    ])
+
+    def carried(rule):
+        return sorted(set(_label_plan.carryable(rows, CLASSES, "v1", rule)["image_uri"].to_pylist()))
+
+    auto = _label_plan.FaceRule("auto", "yunet", 48)
+    assert carried(auto) == ["bad.jpg", "crop.jpg", "old.jpg", "p.jpg", "q.jpg"]
+    assert _label_plan.carryable(rows, CLASSES, "v1", auto).num_rows == 6
+    assert carried(_label_plan.FaceRule("auto", "retinaface", 48)) == ["bad.jpg", "crop.jpg", "old.jpg"]
+    assert carried(_label_plan.FaceRule("none", "none", 48)) == ["bad.jpg", "crop.jpg", "old.jpg"]
+    assert carried(_label_plan.FaceRule("yunet", "yunet", 48)) == ["bad.jpg", "p.jpg", "q.jpg"]
+    old = _label_plan.carryable(rows, CLASSES, "v1", auto).filter(pc.equal(pc.field("image_uri"), "old.jpg"))
+    assert old.select(["face_index", "face_x", "face_w", "face_h", "faces_in_image", "face_detector"]).to_pylist() \
+        == [{"face_index": 0, "face_x": 0, "face_w": 48, "face_h": 48, "faces_in_image": 1, "face_detector": "none"}]
 
 
 # ---------------------------------------------------------------------------------------------
