@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ACCEPT_CPU_ONLY := 1
 
-.PHONY: install test demo demo-s3 lint bench bench-train bench-label bench-scale cluster-up cluster-down clean
+.PHONY: install test test-spark demo demo-s3 lint bench bench-train bench-label bench-scale cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml constraints.txt cluster/build-constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The Spark query of cluster/QUERIES.md on the real job's output (needs Java 17+; pyspark is 450 MB).
+test-spark: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,spark]'
+	$(PY) -m pytest -q tests/test_spark.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,8 +2,11 @@
 
     python -m jobs.report --labels s3://bucket/emotion-labels --since 2026-11-01 --by dt --plot days.png
 
-Each ``dt=YYYY-MM-DD`` partition written by `jobs.label` is a complete snapshot (one row per listed
-object), so without --date/--since the report covers the latest partition: the current state.
+Each ``dt=YYYY-MM-DD`` partition written by `jobs.label` is a complete snapshot (one row per face
+found in each listed image; one row for an image without faces or with an error), so without
+--date/--since the report covers the latest partition: the current state. Images are counted once
+(the row with ``face_index`` 0 or null), labels per face; partitions written before faces existed
+read as one face per labelled image.
 
 Reads the Hive-partitioned Parquet dataset written by `jobs.label` (``<labels>/dt=YYYY-MM-DD/``)
 with pyarrow.dataset through `emotion_core.storage` (local or S3, S3-compatible endpoints from
@@ -29,12 +32,13 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from emotion_core.labels import CANONICAL
-from emotion_core.schema import PARTITION_COLUMN
+from emotion_core.schema import PARTITION_COLUMN, label_schema
 from emotion_core.storage import StorageError, filesystem
 
 from ._cli import ArgumentParser, JobError, format_table, run_main
 
 COLUMNS = ["label", "confidence", "error", "model_name", "model_version", "labelled_at"]
+FACE_COLUMNS = ["face_index", "faces_in_image"]  # null in partitions written before faces existed
 BY_CHOICES = ("label", "model_version", "dt")
 
 
@@ -70,6 +74,10 @@ def load_labels(uri: str, date: str | None = None, since: str | None = None) -> 
     missing = [c for c in COLUMNS if c not in dataset.schema.names]
     if missing:
         raise ReportError(f"{uri} is not a labels dataset: missing column(s) {', '.join(missing)}")
+    # An explicit schema reads the face columns as null from files written without them.
+    fields = {f.name: f for f in label_schema(["x"])}
+    schema = pa.schema([fields[c] for c in COLUMNS + FACE_COLUMNS] + [pa.field(PARTITION_COLUMN, pa.string())])
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning, schema=schema)
     part = ds.field(PARTITION_COLUMN)
     if date:
         flt = part == date
@@ -81,7 +89,7 @@ def load_labels(uri: str, date: str | None = None, since: str | None = None) -> 
             raise ReportError(f"{uri} has no {PARTITION_COLUMN}=YYYY-MM-DD partitions")
         flt = part == days[-1]
     try:
-        table = dataset.to_table(columns=[*COLUMNS, PARTITION_COLUMN], filter=flt)
+        table = dataset.to_table(columns=[*COLUMNS, *FACE_COLUMNS, PARTITION_COLUMN], filter=flt)
         # Naive UTC timestamps: DuckDB returns tz-aware Python values only with pytz installed.
         i = table.schema.get_field_index("labelled_at")
         return table.set_column(i, "labelled_at", table.column(i).cast(pa.timestamp("ms")))
@@ -93,39 +101,44 @@ _DT_DIR = re.compile(rf"(?:^|/){PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})/")
 
 # Errors are "<reason>: <detail>"; the reason is the part before the first colon.
 _REASON = "trim(split_part(error, ':', 1))"
+# Each image has exactly one row with face_index 0 (its first face) or null (no face, or an error).
+_IMAGE = "coalesce(face_index, 0) = 0"
+_IMAGES = f"count(*) FILTER ({_IMAGE})"
 
 QUERIES = {
     "totals": f"""
-        SELECT count(*) AS rows, count(*) FILTER (error IS NULL) AS ok,
+        SELECT {_IMAGES} AS images, {_IMAGES} - count(*) FILTER (error IS NOT NULL) AS ok,
                count(*) FILTER (error IS NOT NULL) AS errors,
-               round(100.0 * count(*) FILTER (error IS NOT NULL) / count(*), 2) AS error_pct,
+               round(100.0 * count(*) FILTER (error IS NOT NULL) / {_IMAGES}, 2) AS error_pct,
                min({PARTITION_COLUMN}) AS first_dt, max({PARTITION_COLUMN}) AS last_dt,
-               count(DISTINCT {PARTITION_COLUMN}) AS days
+               count(DISTINCT {PARTITION_COLUMN}) AS days,
+               count(label) AS faces,
+               count(*) FILTER (faces_in_image = 0) AS without_faces
         FROM labels""",
     "label": """
-        SELECT label, count(*) AS images,
+        SELECT label, count(*) AS faces,
                round(100.0 * count(*) / sum(count(*)) OVER (), 2) AS pct,
                round(avg(confidence), 3) AS mean_confidence
-        FROM labels WHERE error IS NULL
-        GROUP BY label ORDER BY images DESC, label""",
+        FROM labels WHERE label IS NOT NULL
+        GROUP BY label ORDER BY faces DESC, label""",
     "errors": f"""
         SELECT {_REASON} AS reason, count(*) AS images, any_value(error) AS example
         FROM labels WHERE error IS NOT NULL
         GROUP BY reason ORDER BY images DESC, reason""",
-    "model_version": """
-        SELECT model_name, model_version, count(*) AS images,
+    "model_version": f"""
+        SELECT model_name, model_version, {_IMAGES} AS images, count(label) AS faces,
                count(*) FILTER (error IS NOT NULL) AS errors,
                min(labelled_at) AS first_labelled, max(labelled_at) AS last_labelled
         FROM labels GROUP BY model_name, model_version ORDER BY last_labelled DESC, model_version""",
     "dt": f"""
-        SELECT {PARTITION_COLUMN}, count(*) AS images,
+        SELECT {PARTITION_COLUMN}, {_IMAGES} AS images, count(label) AS faces,
                count(*) FILTER (error IS NOT NULL) AS errors,
-               round(100.0 * count(*) FILTER (error IS NOT NULL) / count(*), 2) AS error_pct,
+               round(100.0 * count(*) FILTER (error IS NOT NULL) / {_IMAGES}, 2) AS error_pct,
                mode(label) AS top_label, count(DISTINCT model_version) AS models
         FROM labels GROUP BY {PARTITION_COLUMN} ORDER BY {PARTITION_COLUMN}""",
     "per_day_labels": f"""
-        SELECT {PARTITION_COLUMN}, coalesce(label, 'error') AS label, count(*) AS images
-        FROM labels GROUP BY ALL ORDER BY {PARTITION_COLUMN}, label""",
+        SELECT {PARTITION_COLUMN}, coalesce(label, 'error') AS label, count(*) AS faces
+        FROM labels WHERE label IS NOT NULL OR error IS NOT NULL GROUP BY ALL ORDER BY {PARTITION_COLUMN}, label""",
 }
 
 
@@ -164,7 +177,7 @@ def plot_per_day(rows: list[tuple], out: str) -> None:
         ax.bar(days, heights, bottom=bottom, label=lab, color=color)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xlabel("dt")
-    ax.set_ylabel("images")
+    ax.set_ylabel("faces (errors: images)")
     ax.set_title("Emotion labels per day")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     ax.tick_params(axis="x", rotation=45)
@@ -202,10 +215,12 @@ def run(args: argparse.Namespace) -> dict:
         names.append("per_day_labels")
     res = run_queries(table, names)
 
-    (rows, ok, errors, error_pct, first, last, days) = res["totals"][1][0]
+    (images, ok, errors, error_pct, first, last, days, faces, without) = res["totals"][1][0]
     span = first if first == last else f"{first} .. {last} ({days} days)"
     print(f"Labels {args.labels}  dt {span}")
-    print(f"{rows} images: {ok} labelled, {errors} errors ({error_pct:g}%)\n")
+    print(f"{images} images: {ok} labelled, {errors} errors ({error_pct:g}%)")
+    print(f"faces per image {faces / ok if ok else 0:.2f}: {faces} faces; {without} images "
+          f"({100.0 * without / ok if ok else 0:.1f}%) without a face\n")
     titles = {"label": "Label distribution", "model_version": "Per model", "dt": "Per day"}
     print(titles[args.by])
     print(format_table(*res[args.by]) + "\n")

@@ -154,9 +154,27 @@ def write_fake_labels(fs_root: str, classes=("happy", "sad", "surprise")) -> int
 _CACHE: dict[str, dict] = {}
 
 
+def write_scene_photos(root: Path) -> dict[str, list]:
+    """Two 1280x960 photos: ``group.jpg`` with two large upright synthetic faces and
+    ``empty_room.jpg`` with none. Returns each photo's known face boxes (x, y, w, h)."""
+    import numpy as np
+
+    from bench.scenes import make_scene, synthetic_faces
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n, seed in (("group.jpg", 2, 1), ("empty_room.jpg", 0, 2)):
+        scene = make_scene(np.random.default_rng(seed), synthetic_faces(), n_faces=n, sizes=(170, 230),
+                           rotated_share=0.0)
+        (root / name).write_bytes(scene.jpeg)
+        out[name] = scene.boxes
+    return out
+
+
 def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
     """Label datasets written by the real jobs.label, built once per session: local (both DATES)
-    and on S3 (the last date): {"local": path, "s3": uri, "images": n_images, "broken": n_broken}."""
+    and on S3 (the last date), over synthetic face crops, broken files and two scene photos (two
+    faces, none): {"local": path, "s3": uri, "images", "broken", "faces", "no_face", "rows"}."""
     if "real" in _CACHE:
         return _CACHE["real"]
     import uuid
@@ -165,6 +183,7 @@ def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
 
     root = tmp_path_factory.mktemp("real_labels")
     images = write_images(root / "images")
+    scenes = write_scene_photos(images)
     model, _ = save_untrained_model(root / "model")
     run_label_job(str(images), model, str(root / "labels"))
     bucket = f"labels-{uuid.uuid4().hex[:8]}"
@@ -173,5 +192,8 @@ def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
     s3_model = upload_dir(root / "model", bucket, "models/cnn")
     run_label_job(s3_images, s3_model, f"s3://{bucket}/labels", dates=DATES[-1:])
     n = sum(1 for p in images.iterdir() if p.is_file())
-    _CACHE["real"] = {"local": str(root / "labels"), "s3": f"s3://{bucket}/labels", "images": n, "broken": 3}
+    broken = 3
+    faces = n - broken - len(scenes) + sum(len(b) for b in scenes.values())
+    _CACHE["real"] = {"local": str(root / "labels"), "s3": f"s3://{bucket}/labels", "images": n, "broken": broken,
+                      "faces": faces, "no_face": 1, "rows": faces + broken + 1}
     return _CACHE["real"]

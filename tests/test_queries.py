@@ -38,11 +38,12 @@ def labels(tmp_path_factory, s3_server, ray_session):
 
 
 def expected_counts(uri: str, day: str) -> Counter:
+    """Labels per face in partition ``day``, counted without SQL."""
     fs, path = filesystem(uri)
     t = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(
         columns=["label"], filter=ds.field("dt") == day
     )
-    return Counter(lab or "error" for lab in t.column("label").to_pylist())
+    return Counter(lab for lab in t.column("label").to_pylist() if lab)
 
 
 def run_python(code: str, uri: str) -> dict:
@@ -56,16 +57,20 @@ def run_python(code: str, uri: str) -> dict:
 
 
 def test_snippets_are_all_there():
-    assert set(snippets()) == {"duckdb", "duckdb-sql", "pandas", "polars", "athena-ddl", "athena"}
+    assert set(snippets()) == {"duckdb", "duckdb-sql", "pandas", "polars", "athena-ddl", "athena", "spark"}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_duckdb_snippet(labels, where):
     ns = run_python(snippets()["duckdb"], labels[where])
     want = expected_counts(labels[where], DAY)
-    assert dict(zip(ns["dist"]["label"], ns["dist"]["images"])) == want
-    assert ns["dist"]["pct"].sum() == pytest.approx(100, abs=0.05)
-    assert int(ns["errors"]["images"].sum()) == want["error"] == labels["broken"]
+    assert dict(zip(ns["faces"]["label"], ns["faces"]["faces"])) == want and sum(want.values()) == labels["faces"]
+    assert ns["faces"]["pct"].sum() == pytest.approx(100, abs=0.05)
+    images = ns["images"].iloc[0]
+    assert (images["images"], images["errors"], images["without_faces"]) == \
+        (labels["images"], labels["broken"], labels["no_face"])
+    assert images["faces_per_image"] == pytest.approx(labels["faces"] / (labels["images"] - labels["broken"]), abs=0.01)
+    assert int(ns["errors"]["images"].sum()) == labels["broken"]
     assert all(re.fullmatch(r"[a-z_]+", r) for r in ns["errors"]["reason"]), list(ns["errors"]["reason"])
     assert ns["__stdout__"].strip()
 
@@ -73,14 +78,15 @@ def test_duckdb_snippet(labels, where):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_pandas_snippet(labels, where):
     ns = run_python(snippets()["pandas"], labels[where])
-    assert dict(ns["counts"]) == expected_counts(labels[where], DAY)
+    assert dict(ns["faces"]) == expected_counts(labels[where], DAY)
+    assert len(ns["images"]) == labels["images"] and len(ns["df"]) == labels["rows"]
     assert set(ns["df"]["dt"].astype(str)) == {DAY}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_polars_snippet(labels, where):
     ns = run_python(snippets()["polars"], labels[where])
-    got = dict(zip(ns["dist"]["label"].to_list(), ns["dist"]["images"].to_list()))
+    got = dict(zip(ns["faces"]["label"].to_list(), ns["faces"]["faces"].to_list()))
     assert got == expected_counts(labels[where], DAY)
 
 
@@ -89,7 +95,7 @@ def test_polars_native_local_scan(labels):
 
     line = re.search(r"`(pl\.scan_parquet\(.*?\))`", DOC.read_text()).group(1)
     lf = eval(line.replace("emotion-labels/", labels["local"] + "/"), {"pl": pl})  # noqa: S307
-    assert lf.select(pl.len()).collect().item() == labels["images"] * len(DATES)
+    assert lf.select(pl.len()).collect().item() == labels["rows"] * len(DATES)
 
 
 def test_duckdb_sql_snippet_on_local_files(labels):
@@ -100,7 +106,7 @@ def test_duckdb_sql_snippet_on_local_files(labels):
         per_day[str(day)] += n
         if str(day) == DAY:
             assert expected_counts(labels["local"], DAY)[label] == n
-    assert per_day == {d: labels["images"] for d in DATES}
+    assert per_day == {d: labels["faces"] for d in DATES}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -110,9 +116,10 @@ def test_athena_queries_run_on_duckdb(labels, where):
     con = duckdb.connect()
     con.register("emotion_labels", dataset)
     statements = [s.strip() for s in snippets()["athena"].replace(PLACEHOLDER_DATE, DAY).split(";") if s.strip()]
-    assert len(statements) == 3
-    dist, errors, models = (con.sql(s).arrow().read_all().to_pylist() for s in statements)
-    assert {r["label"]: r["images"] for r in dist} == expected_counts(labels[where], DAY)
+    assert len(statements) == 4
+    faces, images, errors, models = (con.sql(s).arrow().read_all().to_pylist() for s in statements)
+    assert {r["label"]: r["faces"] for r in faces} == expected_counts(labels[where], DAY)
+    assert (images[0]["images"], images[0]["without_faces"]) == (labels["images"], labels["no_face"])
     assert sum(r["images"] for r in errors) == labels["broken"]
     assert len(models) == 1 and models[0]["images"] == labels["images"]
 

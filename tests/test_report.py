@@ -26,6 +26,9 @@ def test_report_on_real_label_job_output(labels, where, capsys):
     out = capsys.readouterr().out
     n, errors = labels["images"] * days, labels["broken"] * days
     assert f"{n} images: {n - errors} labelled, {errors} errors" in out
+    ok = labels["images"] - labels["broken"]
+    assert f"faces per image {labels['faces'] / ok:.2f}: {labels['faces'] * days} faces; {days} images " \
+           f"({100.0 / ok:.1f}%) without a face" in out
     assert (f"dt {DATES[0]} .. {DATES[1]} (2 days)" if days > 1 else f"dt {DATES[1]}\n") in out
     # every error reason the job wrote shows up, and the per-model table names the model
     assert "Errors by reason" in out and "Per model" in out and "cnn" in out
@@ -49,7 +52,7 @@ def test_report_by_model_version_and_date(tmp_path, capsys):
     assert report.main(["--labels", str(root), "--by", "model_version", "--since", DATES[0]]) == 0
     out = capsys.readouterr().out
     assert "14 images: 11 labelled, 3 errors (21.43%)" in out
-    assert re.search(r"cnn\s+v1\s+6\s+1", out) and re.search(r"cnn\s+v2\s+8\s+2", out)
+    assert re.search(r"cnn\s+v1\s+6\s+5\s+1", out) and re.search(r"cnn\s+v2\s+8\s+6\s+2", out)  # images faces errors
     assert re.search(r"^not_an_image\s+3\s", out, re.M)
 
     assert report.main(["--labels", str(root), "--date", DATES[0]]) == 0
