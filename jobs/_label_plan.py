@@ -143,8 +143,8 @@ def carryable(batch: pa.Table, classes: list[str], model_version: str, faces: Fa
     batch = whole_image_faces(conform(batch, label_schema(classes)))
     reason = pc.replace_substring_regex(pc.fill_null(batch["error"], ""), "(?s):.*", "")
     read_error = pc.is_in(reason, value_set=pa.array(list(storage.READ_ERROR_KINDS), pa.string()))
-    same_faces = pc.or_(pc.is_valid(batch["error"]),  # broken bytes stay broken whatever the detector
-                        pc.equal(batch["face_detector"], faces.expected(batch["width"], batch["height"])))
+    same_faces = pc.or_kleene(pc.is_valid(batch["error"]),  # broken bytes stay broken whatever the detector
+                              pc.equal(batch["face_detector"], faces.expected(batch["width"], batch["height"])))
     keep = pc.and_(pc.and_(pc.equal(batch["model_version"], model_version), pc.invert(read_error)), same_faces)
     batch = batch.filter(pc.fill_null(keep, False))
     return batch.append_column("object_uri", pc.coalesce(batch["shard_uri"], batch["image_uri"]))

@@ -174,7 +174,8 @@ def write_scene_photos(root: Path) -> dict[str, list]:
 def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
     """Label datasets written by the real jobs.label, built once per session: local (both DATES)
     and on S3 (the last date), over synthetic face crops, broken files and two scene photos (two
-    faces, none): {"local": path, "s3": uri, "images", "broken", "faces", "no_face", "rows"}."""
+    faces, none): {"local": path, "s3": uri, "images", "broken", "faces", "no_face", "rows", "inputs",
+    "model", "scenes": {name: known boxes}}."""
     if "real" in _CACHE:
         return _CACHE["real"]
     import uuid
@@ -195,5 +196,6 @@ def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
     broken = 3
     faces = n - broken - len(scenes) + sum(len(b) for b in scenes.values())
     _CACHE["real"] = {"local": str(root / "labels"), "s3": f"s3://{bucket}/labels", "images": n, "broken": broken,
-                      "faces": faces, "no_face": 1, "rows": faces + broken + 1}
+                      "faces": faces, "no_face": 1, "rows": faces + broken + 1, "inputs": str(images),
+                      "model": model, "scenes": scenes}
     return _CACHE["real"]

@@ -136,7 +136,7 @@ def test_carry_rule_follows_the_face_detector():
         _rows(["p.jpg", "p.jpg", "q.jpg"], ["1", "1", "1"], **photo),  # 2 faces; q: none found
         _rows(["crop.jpg"], ["1"], face_index=[0], faces_in_image=[1], face_detector=["none"]),
         _rows(["old.jpg"], ["1"]),  # written before faces: a 48x48 whole-image label
-        _rows(["bad.jpg"], ["1"], errors=["truncated: x"]),
+        _rows(["bad.jpg"], ["1"], errors=["truncated: x"], width=[None], height=[None]),
     ])
 
     def carried(rule):
