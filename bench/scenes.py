@@ -67,6 +67,7 @@ class Scene:
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
     labels: list[str] = field(default_factory=list)
     angles: list[float] = field(default_factory=list)
+    crops: list[Image.Image] = field(default_factory=list)  # each face's source crop, as drawn
 
 
 def synthetic_faces() -> FaceSource:
@@ -79,10 +80,12 @@ def synthetic_faces() -> FaceSource:
     return FaceSource(draw, SYNTHETIC_FACE_FRACTION)
 
 
-def fer_faces(root: str | Path) -> FaceSource:
-    """Random FER crops from a Kaggle-layout ``root/<class>/*.jpg`` folder, read in place."""
+def fer_faces(root: str | Path, only: set[str] | None = None) -> FaceSource:
+    """Random FER crops from a Kaggle-layout ``root/<class>/*.jpg`` folder, read in place;
+    ``only``: just these ``<class>/<file>`` names (e.g. a training run's validation split)."""
     root = Path(root)
-    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and (only is None or f"{p.parent.name}/{p.name}" in only))
     if not files:
         raise ValueError(f"no images under {root}/<class>/")
 
@@ -156,6 +159,7 @@ def make_scene(
         else:
             continue  # no room left
         face, label = faces.draw(rng)
+        scene.crops.append(face)
         face = face.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         mask = Image.new("L", (size, size), 255)
         if angle:

@@ -1,8 +1,10 @@
 """End-to-end demo on embedded defaults, no network: `make demo` (or `make demo-s3`).
 
 synthetic faces -> train the classic CNN with 2 Ray Train workers -> publish latest.json ->
-label a folder of images (with a few deliberately broken files) with Ray Data -> Parquet
-(dt=YYYY-MM-DD) -> DuckDB summary.
+label a folder of images with Ray Data -> Parquet (dt=YYYY-MM-DD) -> DuckDB summary. The folder
+holds face crops, a few deliberately broken files, and photos (generated scenes from
+bench/scenes.py, 0-3 faces each): the crops are classified whole, the photos go through the face
+detector and get one row per face (``--faces auto``), and the report prints faces per image.
 
 With --s3 the same flow runs against a local S3 server (moto's HTTP server on 127.0.0.1):
 training data, checkpoints, the model pointer, the images and the labels all live in a bucket.
@@ -46,6 +48,19 @@ def write_label_inputs(folder: Path, n_per_class: int = 30) -> None:
     png = io.BytesIO()
     render_face("surprise", rng).save(png, format="PNG")
     (broken / "really_a_png.jpg").write_bytes(png.getvalue())  # wrong extension, still decodes
+    write_photos(folder / "photos")
+
+
+def write_photos(folder: Path, faces_per_photo=(2, 1, 3, 0, 1, 2)) -> None:
+    """Scene photos (1280x960) with synthetic faces pasted at 90-260 px; one has none."""
+    import numpy as np
+
+    from bench.scenes import make_scene, synthetic_faces
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(faces_per_photo):
+        scene = make_scene(np.random.default_rng([7, i]), synthetic_faces(), n_faces=n)
+        (folder / f"photo_{i:02d}_{len(scene.boxes)}faces.jpg").write_bytes(scene.jpeg)
 
 
 def start_s3() -> tuple[object, str]:
