@@ -28,6 +28,8 @@ _API = {
     "emotion_core.schema": ["label_schema", "athena_ddl"],
     "emotion_core.storage": ["StorageError"],
     "emotion_core.synthetic": ["generate_dataset"],
+    # Not the functions recognize/annotate: their names are submodules, which importing would shadow.
+    "emotion_core.recognize": ["Recognizer", "ImageResult", "FaceResult"],
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_WHERE)

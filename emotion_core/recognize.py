@@ -6,6 +6,7 @@
         for face in image.faces:
             print(face.box, face.label, f"{face.confidence:.2f}")
     pandas.DataFrame(rec.rows(["party.jpg"]))                     # one row per face
+    rec.annotate("party.jpg").save("party.annotated.jpg")         # boxes, labels, confidences
 
 Like deepface's one call, without its downloads: the model is a local/S3 checkpoint
 (:func:`emotion_core.checkpoint.load_model`) and the detector's weights ship in its package.
@@ -108,6 +109,13 @@ class Recognizer:
                              "face_score": f.score, "label": f.label, "confidence": f.confidence,
                              **{f"p_{c}": p for c, p in f.probabilities.items()}})
         return rows
+
+    def annotate(self, image: ImageInput, result: ImageResult | None = None):
+        """``image`` as a PIL image with each face's box, label and confidence drawn on it
+        (:func:`emotion_core.annotate.annotate`); recognised first unless ``result`` is given."""
+        from emotion_core.annotate import annotate
+
+        return annotate(image, result or self([image])[0])
 
     def _one(self, image: ImageInput, source: str) -> ImageResult:
         if isinstance(image, np.ndarray):

@@ -36,6 +36,7 @@ class TrainConfig:
     num_workers: int = 1
     init_weights: str | None = None
     dataset_fingerprint: str | None = None
+    faces: str = "none"  # face detector that cropped the training images (emotion_core.faces); none = whole images
 
     @property
     def monitor_metric(self) -> str:

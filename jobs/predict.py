@@ -1,13 +1,23 @@
-"""Label a few images with a trained model, for one-off checks (batch work is `jobs.label`).
+"""Find and label the faces in a few images with a trained model, for one-off checks (batch work is `jobs.label`).
 
-    python -m jobs.predict --model runs/emonet/model  face1.jpg face2.png s3://bucket/x.jpg
-    python -m jobs.predict --model s3://bucket/models/latest.json --json face.jpg
+    python -m jobs.predict --model runs/emonet/models/latest.json  party.jpg face.png s3://bucket/x.jpg
+    python -m jobs.predict --model s3://bucket/models/latest.json --json photo.jpg
+    python -m jobs.predict --model runs/latest.json --annotate out.jpg photo.jpg     # draws the faces
+    python -m jobs.predict --model runs/latest.json --annotate annotated/ a.jpg b.jpg
 
---model is a model directory or a pointer JSON (latest.json), local or s3://. Each image is read
-through emotion_core.storage and decoded with the same preprocessing as training. Output: one line
-per image with the predicted label, its probability and all class probabilities (or JSON lines
-with --json). An unreadable image gets an ERROR line and the exit code is 1; a bad --model is a
-one-line error and exit code 2.
+--model is a model directory or a pointer JSON (latest.json), local or s3://. Images are local
+paths or s3:// URIs. --faces auto (the default) classifies an image no larger than the model's
+input (a face crop, e.g. 48x48) whole and runs the default face detector on anything larger; a
+detector name forces that detector for every image ("none": always the whole image).
+
+Output: one line per face (`IMAGE  face K  box X,Y,W,H  LABEL CONF  [probabilities]`, boxes in
+original-image pixels), `IMAGE  no face found` for an image without one, or one JSON object per
+face with --json (face_index null for an image without faces or with an error). --annotate OUT
+draws each face's box, label and confidence: with one image OUT is the picture (.jpg, .jpeg or
+.png), with several OUT is a folder that receives <stem>.annotated.jpg per image.
+
+An unreadable image gets an ERROR line and the exit code is 1; a bad --model, --faces or
+--annotate is a one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,8 +28,12 @@ import sys
 
 from ._cli import ArgumentParser, JobError, UsageError, run_main
 
+PICTURE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from emotion_core.faces import list_detectors
+
     p = ArgumentParser(
         prog="python -m jobs.predict",
         description=__doc__.split("\n\n", 1)[0],
@@ -28,65 +42,122 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model directory or pointer .json (local path or s3://)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or s3:// URIs)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    p.add_argument("--faces", default="auto", choices=["auto", *list_detectors()],
+                   help="face detector: auto (whole image when it is no larger than the model input, else "
+                        "the default detector) or a registered one (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per face instead of text")
+    p.add_argument("--annotate", metavar="OUT", default=None,
+                   help="draw boxes and labels: the output picture (.jpg/.png) for one image, a folder for several")
     return p
 
 
-def predict(model, manifest, blobs: list[bytes | None]) -> list[dict]:
-    """Class probabilities for image bytes; failed decodes give ``{"error": ...}``."""
-    import numpy as np
-    import torch
+def rows(image: str, result) -> list[dict]:
+    """The --json objects for one :class:`emotion_core.recognize.ImageResult`: one per face, or one
+    with face_index null for an image without faces or with an error."""
+    base = {"image": image, "width": result.width, "height": result.height, "detector": result.detector,
+            "faces_in_image": len(result.faces)}
+    if not result.faces:
+        return [{**base, "face_index": None, "box": None, "score": None, "label": None, "confidence": None,
+                 "probabilities": None, "error": result.error}]
+    return [{**base, "face_index": k, "box": list(f.box), "score": round(f.score, 4), "label": f.label,
+             "confidence": f.confidence, "probabilities": f.probabilities, "error": None}
+            for k, f in enumerate(result.faces)]
 
-    from emotion_core.preprocess import decode_batch, normalize
 
-    spec = manifest.input_spec
-    pixels, _, _, errors = decode_batch(blobs, spec)
-    ok = [i for i, e in enumerate(errors) if e is None]
-    out: list[dict] = [{"error": e} if e else {} for e in errors]
-    if ok:
-        with torch.no_grad():
-            probs = torch.softmax(model(normalize(pixels[np.asarray(ok)], spec)), dim=1).numpy()
-        for i, p in zip(ok, probs):
-            top = int(p.argmax())
-            out[i] = {
-                "label": manifest.classes[top],
-                "confidence": float(p[top]),
-                "probabilities": {c: float(v) for c, v in zip(manifest.classes, p)},
-            }
+def text_lines(image: str, result, width: int) -> list[str]:
+    """The text output for one image: one line per face, or one ``no face found`` / ``ERROR`` line."""
+    if result.error:
+        return [f"{image:<{width}}  ERROR {result.error}"]
+    if not result.faces:
+        return [f"{image:<{width}}  no face found"]
+    out = []
+    for k, f in enumerate(result.faces):
+        probs = "  ".join(f"{c} {p:.3f}" for c, p in f.probabilities.items())
+        box = ",".join(str(v) for v in f.box)
+        out.append(f"{image:<{width}}  face {k}  box {box}  {f.label:<8} {f.confidence:.3f}   [{probs}]")
     return out
+
+
+def annotation_targets(out: str | None, images: list[str]) -> list[str | None]:
+    """Where each image's annotated picture goes (see module doc); a bad OUT is a UsageError."""
+    from pathlib import PurePosixPath
+
+    from emotion_core import storage
+
+    if out is None:
+        return [None] * len(images)
+    suffix = PurePosixPath(out).suffix.lower()
+    if len(images) == 1:
+        if suffix not in PICTURE_FORMATS:
+            raise UsageError(f"--annotate {out!r}: with one image, name the output picture (.jpg, .jpeg or .png)")
+        return [out]
+    if suffix in PICTURE_FORMATS:
+        raise UsageError(f"--annotate {out!r}: with {len(images)} images, pass a folder (each image becomes "
+                         "FOLDER/<stem>.annotated.jpg)")
+    targets, used = [], set()
+    for image in images:
+        stem = PurePosixPath(image.rstrip("/")).stem or "image"
+        name, n = f"{stem}.annotated.jpg", 1
+        while name in used:  # a/x.jpg and b/x.jpg: x.annotated.jpg, x-2.annotated.jpg
+            n += 1
+            name = f"{stem}-{n}.annotated.jpg"
+        used.add(name)
+        targets.append(storage.join(out, name))
+    return targets
+
+
+def save_picture(im, uri: str) -> None:
+    import io
+    from pathlib import PurePosixPath
+
+    from emotion_core import storage
+
+    buf = io.BytesIO()
+    fmt = PICTURE_FORMATS[PurePosixPath(uri).suffix.lower()]
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     from emotion_core import storage
-    from emotion_core.checkpoint import CheckpointError, load_model
+    from emotion_core.checkpoint import CheckpointError
+    from emotion_core.faces import DetectorUnavailableError
+    from emotion_core.recognize import ImageResult, Recognizer
 
+    targets = annotation_targets(args.annotate, args.images)
     try:
-        model, manifest = load_model(args.model)
+        rec = Recognizer(args.model, detector=args.faces)
+    except DetectorUnavailableError as e:
+        raise UsageError(f"--faces {args.faces}: {e}") from e
     except (CheckpointError, storage.StorageError, ValueError) as e:
         raise UsageError(f"--model: {e}") from e
-    blobs: list[bytes | None] = []
-    read_errors: dict[int, str] = {}
-    for i, uri in enumerate(args.images):
-        try:
-            blobs.append(storage.read_bytes(uri))
-        except storage.StorageError as e:
-            blobs.append(None)
-            read_errors[i] = f"unreadable: {e}"
-    results = [{"error": read_errors[i]} if i in read_errors else r
-               for i, r in enumerate(predict(model, manifest, blobs))]
+
     width = max(len(p) for p in args.images)
-    for uri, r in zip(args.images, results):
-        if args.json:
-            print(json.dumps({"image": uri, **r}))
-        elif "error" in r:
-            print(f"{uri:<{width}}  ERROR {r['error']}")
+    out, failed = [], 0
+    for image, target in zip(args.images, targets):
+        try:
+            data = storage.read_bytes(image)
+        except storage.StorageError as e:
+            result = ImageResult(image, None, None, rec.detector.name, error=f"unreadable: {e}")
         else:
-            probs = "  ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
-            print(f"{uri:<{width}}  {r['label']:<8} {r['confidence']:.3f}   [{probs}]")
-    failed = sum("error" in r for r in results)
+            result = rec([data], errors="keep")[0]
+        failed += result.error is not None
+        written = None
+        if target and result.error is None:
+            save_picture(rec.annotate(data, result), target)
+            written = target
+        if args.json:
+            for row in rows(image, result):
+                print(json.dumps({**row, **({"annotated": written} if written else {})}))
+                out.append(row)
+        else:
+            print("\n".join(text_lines(image, result, width)))
+            if written:
+                print(f"{image:<{width}}  annotated -> {written}")
+            out.extend(rows(image, result))
     if failed:
         raise JobError(f"{failed} of {len(args.images)} image(s) could not be read or decoded")
-    return results
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 from emotion_core import metrics as M
 from emotion_core import storage
 from emotion_core.checkpoint import CheckpointError, ModelManifest, export_model, read_pointer, write_pointer
+from emotion_core.faces import DetectorUnavailableError, list_detectors
 from emotion_core.models import count_parameters, create_model, list_models, model_descriptions, resolve_input_spec
 
 from . import _cli, _train_data, _train_report, _train_state
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
            "datasets use 256")
     a("--channels", type=int, choices=[1, 3], default=None,
       help="1 = grayscale, 3 = RGB input (default: the model's)")
+    a("--faces", default="none", choices=list_detectors(),
+      help="crop every image to the largest face this detector finds, as labelling does (images without a face "
+           "are skipped); for datasets of photos rather than face crops (default %(default)s: whole images)")
     a("--no-augment", action="store_true", help="disable training augmentation")
     a("--publish", default=None,
       help="after a successful run, atomically write a pointer JSON (e.g. s3://b/models/latest.json) "
@@ -161,6 +165,10 @@ def validate_args(args) -> None:
         raise UsageError("--patience, --max-failures, --warmup-epochs and --weight-decay must not be negative")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    try:
+        _train_data.face_detector(args.faces)  # not installed here: refused before Ray starts
+    except DetectorUnavailableError as e:
+        raise UsageError(f"--faces {args.faces}: {e}") from e
     args.name = args.name or args.model
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
@@ -217,7 +225,7 @@ def check_resources(num_workers: int, use_gpu: bool) -> None:
 
 def decode_data(args, splits) -> _train_data.Decoded:
     t0 = time.perf_counter()
-    decoded = _train_data.decode_splits(splits, args.input_spec, seed=args.seed)
+    decoded = _train_data.decode_splits(splits, args.input_spec, faces=args.faces, seed=args.seed)
     counts = _train_data.class_counts(decoded.datasets["train"], len(splits.classes)) \
         if "train" in decoded.datasets else np.zeros(len(splits.classes), np.int64)
     if (counts == 0).any():
@@ -227,7 +235,7 @@ def decode_data(args, splits) -> _train_data.Decoded:
         raise UsageError(f"--data {args.data}: no readable validation images")
     decoded.train_class_counts = counts
     _cli.say(JOB, f"decoded {sum(decoded.counts.values())} images in {time.perf_counter() - t0:.1f}s"
-                  + (f"; skipped {len(decoded.skipped)} unreadable" if decoded.skipped else ""))
+                  + (f"; skipped {len(decoded.skipped)} (unreadable or no face)" if decoded.skipped else ""))
     return decoded
 
 
@@ -240,7 +248,7 @@ def make_config(args, splits, decoded) -> TrainConfig:
         class_weighting=args.class_weighting, class_weights=tuple(weights) if weights else None,
         monitor=args.monitor, patience=args.patience, seed=args.seed, augment=not args.no_augment,
         use_gpu=args.use_gpu, precision=args.precision, num_workers=args.num_workers,
-        init_weights=args.init_weights, dataset_fingerprint=splits.fingerprint,
+        init_weights=args.init_weights, dataset_fingerprint=splits.fingerprint, faces=args.faces,
     )
 
 
@@ -295,7 +303,7 @@ def report_skipped(skipped: list[dict]) -> None:
     for s in skipped:
         reason = s["error"].split(":", 1)[0]
         reasons[reason] = reasons.get(reason, 0) + 1
-    _cli.say(JOB, f"skipped {len(skipped)} unreadable image(s): "
+    _cli.say(JOB, f"skipped {len(skipped)} image(s), unreadable or without a face: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
                   + "; e.g. " + ", ".join(s["path"] for s in skipped[:3]))
 

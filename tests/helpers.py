@@ -199,3 +199,19 @@ def real_labels(tmp_path_factory, s3_server, ray_session) -> dict:
                       "faces": faces, "no_face": 1, "rows": faces + broken + 1, "inputs": str(images),
                       "model": model, "scenes": scenes}
     return _CACHE["real"]
+
+
+def photo_jpeg(label: str | None, seed: int, size: tuple[int, int] = (320, 240), face: int = 120) -> bytes:
+    """A small "photo": a cluttered background (bench.scenes.background) with one synthetic face
+    showing ``label`` pasted at ``face`` px, upright, somewhere inside; ``label`` None: no face."""
+    import numpy as np
+
+    from bench.scenes import background
+    from emotion_core.synthetic import render_face
+
+    rng = np.random.default_rng([seed, 7])
+    im = background(rng, *size)
+    if label is not None:
+        crop = render_face(label, rng, 48).convert("RGB").resize((face, face))
+        im.paste(crop, (int(rng.integers(0, size[0] - face + 1)), int(rng.integers(0, size[1] - face + 1))))
+    return encode(im, "JPEG", quality=90)
