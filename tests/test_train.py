@@ -76,7 +76,7 @@ def test_predict_cli(trained, faces3, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     for line, img in zip(lines, images):
-        assert line.startswith(img) and line.split()[1] in CLASSES
+        assert line.split()[:5] == [img, "face", "0", "box", "0,0,48,48"] and line.split()[5] in CLASSES
         assert all(f"{c} 0." in line or f"{c} 1." in line for c in CLASSES)
     version = json.loads(pointer.read_text())["version"]
     assert predict.main(["--model", str(run / "models" / version), "--json", images[0], str(broken)]) == 1
