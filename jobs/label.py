@@ -4,6 +4,7 @@
         --output s3://lake/emotion_labels/ [--date YYYY-MM-DD] [--incremental] [--manifest URI]
         [--input-format auto|images|webdataset|parquet] [--actors N | --min-actors M --max-actors N]
         [--gpus-per-actor G] [--run-id ID] [--max-error-fraction F] [--allow-empty] [--limit N]
+        [--faces auto|none|yunet|retinaface|haar]
     python -m jobs.label --print-ddl --model ... --output ...   # Athena CREATE TABLE
 
 Data flows through Ray tasks and actors; the driver only orchestrates and commits, and holds
@@ -11,8 +12,9 @@ O(work units), never O(objects): list (Ray tasks fan out over prefixes, or a dis
 an S3 Inventory) -> listing shards in ``_staging/<run_id>/listing/`` -> plan (Ray Data joins with
 the latest partition for --incremental) -> work units ``todo/`` -> an actor pool labels each unit
 and writes ``out/<unit>.parquet`` itself -> commit from the staged files' footers -> run summary
-in ``_runs/<run_id>.json``. Running again with the same --run-id resumes: the plan is reused and
-units whose output exists are not labelled again.
+in ``_runs/<run_id>.json``. Photos get one row per face (``--faces``: detect, crop, classify
+each face; ``auto`` classifies images no larger than the model input whole). Running again with
+the same --run-id resumes: the plan is reused and units whose output exists are not labelled again.
 
 Without RAY_ADDRESS an embedded local Ray is started; under ``ray job submit`` (or when Ray is
 already initialised, as in tests) the existing cluster is used.
