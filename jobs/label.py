@@ -324,6 +324,7 @@ def check_read_errors(labelled: dict, args) -> None:
 def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, files, recovered, t) -> dict:
     rows = labelled["rows"] + carried["rows"]
     images, faces, no_face = (labelled[k] + carried[k] for k in ("images", "faces", "no_face"))
+    error_rows = labelled["error_rows"] + carried["error_rows"]
     errors = {k: labelled["errors"].get(k, 0) + carried["errors"].get(k, 0)
               for k in sorted(set(labelled["errors"]) | set(carried["errors"]))}
     labels = {k: labelled["labels"].get(k, 0) + carried["labels"].get(k, 0)
@@ -352,7 +353,7 @@ def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, file
         images=images,
         faces=faces,
         images_without_faces=no_face,
-        faces_per_image=round(faces / images, 3) if images else 0.0,
+        faces_per_image=round(faces / (images - error_rows), 3) if images > error_rows else 0.0,  # readable ones
         images_per_s=round(labelled["images"] / (t["commit"] - t["start"]), 1) if labelled["images"] else 0.0,
         label_stage_images_per_s=round(labelled["images"] / label_s, 1)
         if labelled["images"] and label_s > 0 else 0.0,
@@ -373,9 +374,10 @@ def print_summary(s: dict) -> None:
                   f"carried {s['skipped']}, {s['error_rows']} error rows, {s['seconds']['total']:.1f} s, "
                   f"driver peak RSS {s['driver_peak_rss_mb']:.0f} MB")
     if s["faces_mode"] != "none":
-        share = s["images_without_faces"] / s["images"] if s["images"] else 0.0
-        _cli.say(JOB, f"faces ({s['faces_mode']}): {s['faces']} in {s['images']} images, "
-                      f"{s['faces_per_image']:.2f} per image; {s['images_without_faces']} images "
+        readable = s["images"] - s["error_rows"]
+        share = s["images_without_faces"] / readable if readable else 0.0
+        _cli.say(JOB, f"faces ({s['faces_mode']}): {s['faces']} in {readable} readable images, "
+                      f"{s['faces_per_image']:.2f} per image; {s['images_without_faces']} image(s) "
                       f"({share:.1%}) without a face")
     _cli.say(JOB, f"labels: {json.dumps(s['labels'])}")
     if s["errors"]:

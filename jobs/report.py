@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
     span = first if first == last else f"{first} .. {last} ({days} days)"
     print(f"Labels {args.labels}  dt {span}")
     print(f"{images} images: {ok} labelled, {errors} errors ({error_pct:g}%)")
-    print(f"faces per image {faces / ok if ok else 0:.2f}: {faces} faces; {without} images "
+    print(f"faces per image {faces / ok if ok else 0:.2f}: {faces} faces; {without} image(s) "
           f"({100.0 * without / ok if ok else 0:.1f}%) without a face\n")
     titles = {"label": "Label distribution", "model_version": "Per model", "dt": "Per day"}
     print(titles[args.by])

@@ -27,7 +27,7 @@ def test_report_on_real_label_job_output(labels, where, capsys):
     n, errors = labels["images"] * days, labels["broken"] * days
     assert f"{n} images: {n - errors} labelled, {errors} errors" in out
     ok = labels["images"] - labels["broken"]
-    assert f"faces per image {labels['faces'] / ok:.2f}: {labels['faces'] * days} faces; {days} images " \
+    assert f"faces per image {labels['faces'] / ok:.2f}: {labels['faces'] * days} faces; {days} image(s) " \
            f"({100.0 / ok:.1f}%) without a face" in out
     assert (f"dt {DATES[0]} .. {DATES[1]} (2 days)" if days > 1 else f"dt {DATES[1]}\n") in out
     # every error reason the job wrote shows up, and the per-model table names the model
