@@ -28,6 +28,7 @@ _API = {
     "emotion_core.schema": ["label_schema", "athena_ddl"],
     "emotion_core.storage": ["StorageError"],
     "emotion_core.synthetic": ["generate_dataset"],
+    "emotion_core.tta": ["tta_probs", "tta_views", "tta_cost", "TTA_MODES"],
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_WHERE)
