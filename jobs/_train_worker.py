@@ -88,12 +88,7 @@ def train_func(config: dict) -> None:
                                         log=log_line if rank == 0 else _silent)
         if rank == 0:
             log_line(f"[train] resumed from checkpoint at epoch {progress.epoch}")
-    epochs = cfg.epochs
-    if cfg.time_budget_min and progress.budget:
-        budget = progress.budget
-        if budget["budget_s"] != cfg.time_budget_min * 60 or budget["cap"] != cfg.epochs:
-            progress.budget = budget = budget_decision(cfg, budget["epoch_s"])  # same measurement, new budget
-        epochs = budget["epochs"]
+    epochs = planned_epochs(cfg, progress)
     scheduler.lr_lambdas[0].set_epochs(epochs)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -144,6 +139,18 @@ def train_func(config: dict) -> None:
                                   progress=progress, config=config, ema=ema)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(dict(record), checkpoint=ckpt)
+
+
+def planned_epochs(cfg: TrainConfig, progress: _train_state.RunProgress) -> int:
+    """The run's length on (re)start: ``--epochs``, or a budgeted run's stored decision; with
+    another budget or cap than the stored one it is re-planned from the stored s/epoch (and
+    ``progress.budget`` updated). A budgeted run not yet measured starts with the cap."""
+    budget = progress.budget
+    if not (cfg.time_budget_min and budget):
+        return cfg.epochs
+    if budget["budget_s"] != cfg.time_budget_min * 60 or budget["cap"] != cfg.epochs:
+        progress.budget = budget = budget_decision(cfg, budget["epoch_s"])
+    return budget["epochs"]
 
 
 def budget_decision(cfg: TrainConfig, epoch_s: float) -> dict:
