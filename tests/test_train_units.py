@@ -278,6 +278,7 @@ def test_time_budget_plan_and_stretchable_schedule():
     assert plan_epochs(600, 55, 100) == 10  # floor: the last epoch still ends inside the budget
     assert plan_epochs(600, 5, 30) == 30  # --epochs is a cap
     assert plan_epochs(60, 300, 30) == 1  # at least one epoch
+
     s = Schedule(steps_per_epoch=10, epochs=30, warmup_epochs=1)
     assert s(299) > 0.01 and s.warmup == 10
     s.set_epochs(5)
