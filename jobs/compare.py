@@ -110,8 +110,8 @@ def label_images_per_s(model_uri: str, datas: list[bytes], *, device: str = "cpu
 
 def eval_image_bytes(targs: argparse.Namespace, limit: int) -> list[bytes]:
     """Up to ``limit`` encoded images of the evaluation split (as jobs.train split the data)."""
-    classes = [c for c in targs.classes.split(",") if c.strip()] if targs.classes else None
-    splits = _train_data.discover(targs.data, val_fraction=targs.val_fraction, seed=targs.seed, classes=classes)
+    splits = _train_data.discover(targs.data, val_fraction=targs.val_fraction, seed=targs.seed,
+                                  classes=train.class_subset(targs.classes))
     items = getattr(splits, splits.eval_split)[:limit]
     if splits.source == "s3":
         return [r.data for r in storage.read_objects([it.path for it in items], threads=16) if r.data]

@@ -241,10 +241,15 @@ def validate_recipe_args(args) -> None:
         raise UsageError(f"--ema must be a decay in [0, 1) (0 = off), e.g. 0.999; got {args.ema}")
 
 
+def class_subset(value: str | None) -> list[str] | None:
+    """``--classes a,b`` as a list (None: every class)."""
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
 def find_data(args) -> _train_data.DataSplits:
-    classes = [c for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
-        splits = _train_data.discover(args.data, val_fraction=args.val_fraction, seed=args.seed, classes=classes)
+        splits = _train_data.discover(args.data, val_fraction=args.val_fraction, seed=args.seed,
+                                      classes=class_subset(args.classes))
     except _train_data.DataError as e:
         raise UsageError(str(e)) from e
     if args.init_weights:
