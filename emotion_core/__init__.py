@@ -30,6 +30,7 @@ _API = {
     "emotion_core.synthetic": ["generate_dataset"],
     # Not the functions recognize/annotate: their names are submodules, which importing would shadow.
     "emotion_core.recognize": ["Recognizer", "ImageResult", "FaceResult"],
+    "emotion_core.tta": ["tta_probs", "tta_views", "tta_cost", "TTA_MODES"],
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_WHERE)

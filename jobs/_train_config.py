@@ -27,6 +27,15 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_weighting: str = "none"
     class_weights: tuple[float, ...] | None = None
+    # recipe options (jobs._train_recipe); 0 = off
+    random_erasing: float = 0.0  # probability per image
+    mixup: float = 0.0  # Beta alpha
+    cutmix: float = 0.0  # Beta alpha
+    mix_prob: float = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
+    mix_switch_prob: float = 0.5  # with both on: probability of CutMix for a mixed batch
+    ema: float = 0.0  # EMA decay of the weights; the EMA is evaluated and exported
+    tta: str = "none"  # test-time augmentation of the final evaluation (emotion_core.tta)
+    time_budget_min: float | None = None  # wall-clock minutes of the training loop; epochs is then a cap
     monitor: str = "macro_f1"  # or "accuracy": early stopping and best checkpoint
     patience: int = 10
     seed: int = 0

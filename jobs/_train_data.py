@@ -7,7 +7,8 @@ Discovery (driver only, before any worker starts) accepts
 - either of them with one extra top-level folder (``images/train/...``).
 
 Class folders are mapped through :mod:`emotion_core.labels` aliases and kept in canonical FER
-order; the class list comes from ``train/``. Files are taken by image extension; hidden files and
+order; the class list comes from ``train/``, or is the ``classes`` subset asked for (folders of
+other classes are then ignored in every split). Files are taken by image extension; hidden files and
 ``__MACOSX`` are ignored. Empty classes, a missing ``train/``, or a split with no images are a
 :class:`DataError` (one line, says what to fix) raised before Ray is asked to do anything.
 
@@ -171,8 +172,9 @@ def _strip_extra_top_folder(files: list[tuple[str, str, int]]) -> list[tuple[str
     return files
 
 
-def discover(uri: str, *, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
-    """List and split a dataset (see module doc). Raises :class:`DataError`."""
+def discover(uri: str, *, val_fraction: float = 0.1, seed: int = 0, classes: list[str] | None = None) -> DataSplits:
+    """List and split a dataset (see module doc); ``classes`` keeps only those class folders
+    (names or aliases; at least two, each with training images). Raises :class:`DataError`."""
     uri = str(uri).strip()
     try:
         loc = storage.parse(uri)
@@ -218,6 +220,8 @@ def discover(uri: str, *, val_fraction: float = 0.1, seed: int = 0) -> DataSplit
             f"--data {uri}: no train/ split with images in class folders{hint}; "
             "expected train/<class>/*.jpg plus test/ and/or validation/"
         )
+    if classes:
+        by_split, class_dirs = _only_classes(by_split, class_dirs, classes, uri)
     try:
         train_folders = {folder for _, _, folder, _ in by_split["train"]}
         classes = sort_classes(train_folders)
@@ -268,6 +272,28 @@ def discover(uri: str, *, val_fraction: float = 0.1, seed: int = 0) -> DataSplit
         fingerprint=fp,
         zip_bytes=zip_bytes,
     )
+
+
+def _only_classes(by_split: dict, class_dirs: set, classes: list[str], uri: str) -> tuple[dict, set]:
+    """The listing restricted to the ``classes`` subset (``--classes``)."""
+    try:
+        wanted = set(sort_classes(classes))
+    except UnknownLabelError as e:
+        raise DataError(f"--classes: {e}") from e
+    if len(wanted) < 2:
+        raise DataError(f"--classes {','.join(classes)}: name at least two classes")
+
+    def keep(folder: str) -> bool:
+        try:
+            return canonical_label(folder) in wanted
+        except UnknownLabelError:
+            return False
+
+    by_split = {name: [r for r in rows if keep(r[2])] for name, rows in by_split.items()}
+    missing = wanted - {canonical_label(folder) for _, _, folder, _ in by_split["train"]}
+    if missing:
+        raise DataError(f"--classes: no training images for {', '.join(sorted(missing))} in {uri}/train")
+    return by_split, {(split, folder) for split, folder in class_dirs if keep(folder)}
 
 
 def stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:

@@ -70,6 +70,34 @@ def training_curves_png(history: list[dict], title: str = "") -> bytes:
     return _figure_bytes(fig)
 
 
+def val_accuracy_vs_minutes_png(curves: dict[str, list[dict]], title: str = "") -> bytes:
+    """Validation accuracy against wall-clock minutes of the training loop, one line per run
+    (``curves``: label -> the run's history, whose ``elapsed_s`` and ``val_acc`` are plotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, history in curves.items():
+        ax.plot([h["elapsed_s"] / 60 for h in history], [h["val_acc"] for h in history], marker=".", label=label)
+    ax.set_xlabel("training wall-clock minutes")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _figure_bytes(fig)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured Markdown table (first column left-aligned, the others right-aligned)."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_rows(headers: list[str], rows: list[list]) -> str:
     """A fixed-width text table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]

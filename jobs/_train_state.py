@@ -5,11 +5,13 @@ This is *not* the exported model (that is :mod:`emotion_core.checkpoint`, ``mode
 are named so the two cannot be confused, and nothing is pickled:
 
 - ``train_weights.safetensors``, ``train_optimizer.safetensors`` (optimizer state tensors
-  flattened to ``state.<param>.<name>``), ``train_rng.safetensors`` (torch RNG states);
+  flattened to ``state.<param>.<name>``), ``train_rng.safetensors`` (torch RNG states), and with
+  ``--ema`` ``train_ema.safetensors`` (the averaged weights; these are what is evaluated and
+  exported, :func:`load_eval_weights`);
 - ``train_state.json``, written last: format version, the run's :class:`RunProgress` (epoch,
-  history, early-stopping state), the :class:`TrainConfig` it was trained with, optimizer
-  hyper-parameters and scalars, scheduler state, Python/NumPy RNG state, and the sha256 of each
-  tensor file, checked on load.
+  history, early-stopping state, the ``--time-budget`` decision), the :class:`TrainConfig` it was
+  trained with, optimizer hyper-parameters and scalars, scheduler state, the EMA's update count,
+  Python/NumPy RNG state, and the sha256 of each tensor file, checked on load.
 
 Ray Train V2 records a run's checkpoints in its snapshot file; :func:`latest_run_state` reads
 the state Ray Train will resume from, and :func:`remove_orphan_checkpoints` deletes checkpoint
@@ -37,6 +39,7 @@ STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "train_weights.safetensors"
 OPTIM_FILE = "train_optimizer.safetensors"
 RNG_FILE = "train_rng.safetensors"
+EMA_FILE = "train_ema.safetensors"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
@@ -46,13 +49,16 @@ class StateError(RuntimeError):
 
 @dataclass
 class RunProgress:
-    """Where a run is: the last finished epoch, per-epoch history, early-stopping state."""
+    """Where a run is: the last finished epoch, per-epoch history, early-stopping state, and for a
+    ``--time-budget`` run the decision (``budget_s``, measured ``epoch_s``, ``cap``, ``epochs``),
+    kept so a resumed run trains to the same length."""
 
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
+    budget: dict | None = None
 
     def record(self, record: dict, score: float) -> None:
         """Add a finished epoch's metrics; track the best ``score`` for early stopping."""
@@ -71,13 +77,18 @@ class RunProgress:
         return float(self.history[-1]["elapsed_s"]) if self.history else 0.0
 
 
-def save(directory: str, *, model, optimizer, scheduler, progress: RunProgress, config: dict) -> None:
-    """Write a resume checkpoint into ``directory`` (module doc)."""
+def save(directory: str, *, model, optimizer, scheduler, progress: RunProgress, config: dict, ema=None) -> None:
+    """Write a resume checkpoint into ``directory`` (module doc); ``ema`` is a
+    :class:`jobs._train_recipe.ModelEma` or None."""
     from safetensors.torch import save_file
 
     from emotion_core.checkpoint import model_state_dict
 
     save_file(model_state_dict(model), os.path.join(directory, WEIGHTS_FILE))
+    files = [WEIGHTS_FILE, OPTIM_FILE, RNG_FILE]
+    if ema is not None:
+        save_file(model_state_dict(ema.module), os.path.join(directory, EMA_FILE))
+        files.append(EMA_FILE)
     osd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, pstate in osd["state"].items():
@@ -97,9 +108,10 @@ def save(directory: str, *, model, optimizer, scheduler, progress: RunProgress, 
         "config": config,
         "optimizer": {"param_groups": osd["param_groups"], "scalars": scalars},
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "ema": {"decay": ema.decay, "updates": ema.updates} if ema is not None else None,
         "python_rng": _py_rng_to_json(random.getstate()),
         "numpy_rng": np.random.get_state(legacy=False),
-        "sha256": {f: _sha256(os.path.join(directory, f)) for f in (WEIGHTS_FILE, OPTIM_FILE, RNG_FILE)},
+        "sha256": {f: _sha256(os.path.join(directory, f)) for f in files},
     }
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f, default=_json_default)
@@ -119,13 +131,21 @@ def read_state(directory: str) -> dict:
     return state
 
 
-def load(directory: str, *, model, optimizer=None, scheduler=None) -> RunProgress:
-    """Restore the model (and optimizer, scheduler, RNG when given) from a checkpoint directory."""
+def load(directory: str, *, model, optimizer=None, scheduler=None, ema=None) -> RunProgress:
+    """Restore the model (and optimizer, scheduler, RNG, EMA when given) from a checkpoint
+    directory. A checkpoint without EMA weights (a run resumed with ``--ema`` newly on) starts the
+    EMA from the restored weights."""
     from safetensors.torch import load_file
 
     state = read_state(directory)
     target = model.module if hasattr(model, "module") else model
     target.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)), strict=True)
+    if ema is not None:
+        if state.get("ema"):
+            ema.module.load_state_dict(load_file(os.path.join(directory, EMA_FILE)), strict=True)
+            ema.updates = int(state["ema"]["updates"])
+        else:
+            ema.module.load_state_dict(target.state_dict(), strict=True)
     if optimizer is not None:
         opt_state: dict = {}
         for key, value in load_file(os.path.join(directory, OPTIM_FILE)).items():
@@ -147,6 +167,17 @@ def load(directory: str, *, model, optimizer=None, scheduler=None) -> RunProgres
         random.setstate(_py_rng_from_json(state["python_rng"]))
         np.random.set_state(state["numpy_rng"])
     return RunProgress(**state["progress"])
+
+
+def load_eval_weights(directory: str, model) -> dict:
+    """Load the weights to evaluate and export into ``model``: the EMA when the run kept one,
+    else the training weights. Returns the checkpoint's ``train_state.json``."""
+    from safetensors.torch import load_file
+
+    state = read_state(directory)
+    name = EMA_FILE if state.get("ema") else WEIGHTS_FILE
+    model.load_state_dict(load_file(os.path.join(directory, name)), strict=True)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +208,14 @@ def latest_run_state(run_uri: str, log=print) -> dict | None:
     return None
 
 
-def restore(checkpoint, *, model, optimizer, scheduler, log=print) -> RunProgress:
+def restore(checkpoint, *, model, optimizer, scheduler, ema=None, log=print) -> RunProgress:
     """Load a Ray Train checkpoint (``ray.train.get_checkpoint()``) into the training objects;
     when it fails its checksums, fall back to the run's previous kept checkpoints, newest first."""
     candidates = [checkpoint] + _older_checkpoints(checkpoint)
     for candidate in candidates:
         try:
             with candidate.as_directory() as d:
-                return load(d, model=model, optimizer=optimizer, scheduler=scheduler)
+                return load(d, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
         except StateError as e:
             log(f"[train] {e}; falling back to the previous checkpoint")
     raise StateError(f"none of the run's {len(candidates)} checkpoint(s) is readable")

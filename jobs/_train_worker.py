@@ -11,6 +11,19 @@ The shape of torchvision's ``references/classification/train.py``; the Ray touch
 - Validation: every worker reads the whole (small) validation set but scores only rows with
   ``idx % world == rank``; the confusion matrices are summed with ``all_reduce``, so metrics are
   exact, with no rows dropped by an equal split.
+- ``--time-budget``: the first epoch this process runs (train + validation, wall-clock; the
+  slowest worker's) is the measurement; after it the epoch count is set to what fits in the
+  budget (at most ``--epochs``, :func:`jobs._train_recipe.plan_epochs`), the cosine schedule is
+  stretched or shrunk to end there, and the decision is stored in the run's progress, so a
+  resumed run keeps it (with another budget or cap it is re-planned from the stored s/epoch,
+  :func:`planned_epochs`). The budget counts the training loop only: Ray start-up, data decoding
+  and the final evaluation and export are outside it. The per-epoch checkpoint write is inside
+  it but not in the measurement; the first epoch is the slowest (data pipeline and kernel
+  start-up; measured 2.4 s vs 0.3 s for the later epochs of a tiny run), which covers it. Not
+  "the first part" of the epoch: each epoch restarts the data iterators, so the first steps'
+  start-up recurs every epoch and a steady-rate estimate overran a 6 s budget by 2-4x.
+- With ``--ema`` the per-epoch validation, the best checkpoint and the exported model use the
+  averaged weights.
 - Rank 0 prints a progress line within each epoch every 15 s (a text bar, images/s, the epoch's
   ETA) and one summary line per epoch: plain lines, so they read the same in a terminal, in
   ``ray job logs`` and in CI logs (a redrawn bar does not survive Ray's log forwarding).
@@ -27,15 +40,20 @@ import torch
 import torch.nn.functional as F
 
 from emotion_core.preprocess import normalize
+from emotion_core.tta import tta_probs
 
 from . import _train_state
 from ._train_config import TrainConfig
 from ._train_recipe import (
+    ModelEma,
     augment,
     make_criterion,
     make_optimizer,
     make_scheduler,
+    mix_batch,
     node_cpus,
+    plan_epochs,
+    random_erasing,
     resolve_precision,
 )
 
@@ -65,26 +83,40 @@ def train_func(config: dict) -> None:
     criterion = make_criterion(cfg, device)
     amp_dtype = resolve_precision(cfg.precision, cfg.use_gpu)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    ema = ModelEma(model, cfg.ema) if cfg.ema > 0 else None
 
     progress = _train_state.RunProgress()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        progress = _train_state.restore(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+        progress = _train_state.restore(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                         log=log_line if rank == 0 else _silent)
         if rank == 0:
             log_line(f"[train] resumed from checkpoint at epoch {progress.epoch}")
+    epochs = planned_epochs(cfg, progress)
+    scheduler.lr_lambdas[0].set_epochs(epochs)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     run_start, elapsed_before, epochs_run = time.perf_counter(), progress.elapsed_s, 0
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        if progress.should_stop(cfg.patience):
-            break
+    epoch = progress.epoch
+    while epoch < epochs and not progress.should_stop(cfg.patience):
+        epoch += 1
+        epoch_start = time.perf_counter()
         train_loss, train_acc, seen, seconds = train_one_epoch(
-            model, criterion, optimizer, scheduler, scaler, train_shard, cfg, epoch, device, amp_dtype, rank, world
+            model, criterion, optimizer, scheduler, scaler, train_shard, cfg, epoch, epochs, device, amp_dtype,
+            rank, world, ema
         )
-        cm, val_loss = evaluate(model, val_shard.iter_torch_batches(batch_size=512, dtypes=BATCH_DTYPES),
+        cm, val_loss = evaluate(ema.module if ema else model,
+                                val_shard.iter_torch_batches(batch_size=512, dtypes=BATCH_DTYPES),
                                 cfg, device, amp_dtype, rank=rank, world=world)
         epochs_run += 1
+        if cfg.time_budget_min and progress.budget is None:
+            measured = torch.tensor(time.perf_counter() - epoch_start, dtype=torch.float64, device=device)
+            _all_reduce(measured, world, op="max")  # every worker must decide the same: the slowest one's time
+            progress.budget = budget_decision(cfg, float(measured))
+            epochs = progress.budget["epochs"]
+            scheduler.lr_lambdas[0].set_epochs(epochs)
+            if rank == 0:
+                log_line(budget_line(progress.budget, cfg))
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -99,9 +131,9 @@ def train_func(config: dict) -> None:
         }
         progress.record(record, record[cfg.monitor_metric])
         if rank == 0:
-            eta = (time.perf_counter() - run_start) / epochs_run * (cfg.epochs - epoch)
+            eta = (time.perf_counter() - run_start) / epochs_run * (epochs - epoch)
             log_line(
-                f"[train] epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  train acc {train_acc:.3f}  "
+                f"[train] epoch {epoch}/{epochs}  train loss {train_loss:.4f}  train acc {train_acc:.3f}  "
                 f"val acc {record['val_acc']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}  "
                 f"{record['images_per_s']:,.0f} img/s  ETA {_fmt_time(eta)}"
             )
@@ -109,20 +141,49 @@ def train_func(config: dict) -> None:
             ckpt = None
             if rank == 0:
                 _train_state.save(tmp, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  progress=progress, config=config)
+                                  progress=progress, config=config, ema=ema)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(dict(record), checkpoint=ckpt)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, scaler, shard, cfg: TrainConfig, epoch: int,
-                    device, amp_dtype, rank: int, world: int) -> tuple[float, float, int, float]:
+def planned_epochs(cfg: TrainConfig, progress: _train_state.RunProgress) -> int:
+    """The run's length on (re)start: ``--epochs``, or a budgeted run's stored decision; with
+    another budget or cap than the stored one it is re-planned from the stored s/epoch (and
+    ``progress.budget`` updated). A budgeted run not yet measured starts with the cap."""
+    budget = progress.budget
+    if not (cfg.time_budget_min and budget):
+        return cfg.epochs
+    if budget["budget_s"] != cfg.time_budget_min * 60 or budget["cap"] != cfg.epochs:
+        progress.budget = budget = budget_decision(cfg, budget["epoch_s"])
+    return budget["epochs"]
+
+
+def budget_decision(cfg: TrainConfig, epoch_s: float) -> dict:
+    """What a ``--time-budget`` run records: the budget, the measured s/epoch (train + validation),
+    the cap, and the epochs that fit."""
+    budget_s = cfg.time_budget_min * 60
+    return {"budget_s": budget_s, "epoch_s": epoch_s, "cap": cfg.epochs,
+            "epochs": plan_epochs(budget_s, epoch_s, cfg.epochs)}
+
+
+def budget_line(b: dict, cfg: TrainConfig) -> str:
+    fits = int(b["budget_s"] // b["epoch_s"])
+    capped = f" (the --epochs cap; {fits} would fit)" if fits > b["cap"] else ""
+    return (f"[train] time budget {b['budget_s'] / 60:g} min: first epoch took {b['epoch_s']:.1f} s "
+            f"(train + validation) -> {b['epochs']} epochs{capped}; LR warm-up {cfg.warmup_epochs:g} epoch(s), "
+            f"cosine to its floor at epoch {b['epochs']}")
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, shard, cfg: TrainConfig, epoch: int, epochs: int,
+                    device, amp_dtype, rank: int, world: int, ema=None) -> tuple[float, float, int, float]:
     """One pass over this worker's shard. Returns (loss, accuracy, images, seconds), summed over
-    all workers."""
+    all workers. Accuracy is against the un-mixed labels when MixUp/CutMix is on."""
     batch = cfg.per_worker_batch(world)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
     aug = {"pixel_scale": 1.0 / float(cfg.input_spec.std[0])}
+    mix = {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob, "switch_prob": cfg.mix_switch_prob}
     total = cfg.steps_per_epoch(world) * batch * world
-    bar = EpochProgress(f"epoch {epoch}/{cfg.epochs}", total) if rank == 0 else None
+    bar = EpochProgress(f"epoch {epoch}/{epochs}", total) if rank == 0 else None
     model.train()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -139,11 +200,15 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, shard, cfg: 
         x = normalize(b["image"], cfg.input_spec)
         if cfg.augment:
             x = augment(x, gen, **aug)
+        if cfg.random_erasing:
+            x = random_erasing(x, gen, cfg.random_erasing)
+        y = target = b["label"]
+        if cfg.mixup or cfg.cutmix:
+            x, target = mix_batch(x, y, gen, len(cfg.classes), **mix)
         x = x.contiguous(memory_format=torch.channels_last)
-        y = b["label"]
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -153,6 +218,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, shard, cfg: 
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -167,9 +234,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, shard, cfg: 
 
 @torch.no_grad()
 def evaluate(model, batches, cfg: TrainConfig, device, amp_dtype=None, *, rank: int = 0,
-             world: int = 1) -> tuple[np.ndarray, float]:
+             world: int = 1, tta: str = "none") -> tuple[np.ndarray, float]:
     """Confusion matrix (true x pred) and mean loss over all workers; this worker scores the
-    rows with ``idx % world == rank``."""
+    rows with ``idx % world == rank``. ``tta`` averages the probabilities over views
+    (:mod:`emotion_core.tta`)."""
     k = len(cfg.classes)
     model.eval()
     cm = torch.zeros(k * k, dtype=torch.int64, device=device)
@@ -186,17 +254,20 @@ def evaluate(model, batches, cfg: TrainConfig, device, amp_dtype=None, *, rank: 
         )
         y = labels.to(device, non_blocking=True).long()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        cm += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+            probs = tta_probs(model, x, tta)
+        loss_sum += F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, reduction="sum").double()
+        cm += torch.bincount(y * k + probs.argmax(1), minlength=k * k)
     _all_reduce(cm, world)
     _all_reduce(loss_sum, world)
     cm_np = cm.view(k, k).cpu().numpy()
     return cm_np, float(loss_sum) / max(1, int(cm_np.sum()))
 
 
-def evaluate_checkpoint(checkpoint, dataset, config: dict, batch_size: int = 512) -> list[list[int]]:
-    """Confusion matrix of a resume checkpoint on a decoded dataset (runs as a Ray task), fp32."""
+def evaluate_checkpoint(checkpoint, dataset, config: dict, tta: str | None = None,
+                        batch_size: int = 512) -> list[list[int]]:
+    """Confusion matrix of a resume checkpoint's evaluation weights (the EMA when kept) on a
+    decoded dataset (runs as a Ray task), fp32, with test-time augmentation ``tta`` (default: the
+    run's ``--tta``)."""
 
     cfg = TrainConfig.from_dict(config)
     use_gpu = cfg.use_gpu and torch.cuda.is_available()
@@ -205,9 +276,10 @@ def evaluate_checkpoint(checkpoint, dataset, config: dict, batch_size: int = 512
         torch.set_num_threads(max(1, node_cpus()))
     model = cfg.create_model()
     with checkpoint.as_directory() as d:
-        _train_state.load(d, model=model)
+        _train_state.load_eval_weights(d, model)
     model.to(device, memory_format=torch.channels_last)
-    cm, _ = evaluate(model, dataset.iter_torch_batches(batch_size=batch_size, dtypes=BATCH_DTYPES), cfg, device)
+    cm, _ = evaluate(model, dataset.iter_torch_batches(batch_size=batch_size, dtypes=BATCH_DTYPES), cfg, device,
+                     tta=cfg.tta if tta is None else tta)
     return cm.tolist()
 
 
@@ -266,11 +338,11 @@ class EpochProgress:
                  f"{rate:,.0f} img/s  ETA {_fmt_time(eta)}")
 
 
-def _all_reduce(t: torch.Tensor, world: int) -> None:
+def _all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> None:
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
 
 def _fmt_time(s: float) -> str:

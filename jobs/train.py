@@ -1,8 +1,8 @@
 """Train an emotion classifier on Ray Train, evaluate it, export it, optionally publish it.
 
     python -m jobs.train --data DATA --model emonet --output runs [--name RUN] [--epochs 30]
-        [--batch-size 128] [--lr 0.002] [--num-workers 1] [--use-gpu] [--init-weights URI]
-        [--seed 0] [--publish runs/latest.json]
+        [--time-budget MINUTES] [--batch-size 128] [--lr 0.002] [--num-workers 1] [--use-gpu]
+        [--init-weights URI] [--seed 0] [--publish runs/latest.json]
 
 DATA is a Kaggle-layout folder, a .zip of one, or an s3:// prefix (train/ with test/ and/or
 validation/; without validation/ a stratified, seeded split is carved from train). Without
@@ -10,6 +10,14 @@ RAY_ADDRESS an embedded local Ray is started; with it (or under `ray job submit`
 that cluster. Everything lands in OUTPUT/NAME/: Ray Train checkpoints (checkpoint_*/), split.json,
 metrics.json, confusion_matrix.png, training_curves.png and the exported model in model/.
 Running the same command again with the same --name resumes from the latest checkpoint.
+
+--time-budget MINUTES thinks in time, not epochs: the first epoch (train + validation) is timed,
+the number of epochs is set to what fits in the budget (--epochs is then only a cap), and the
+warm-up + cosine LR schedule is set to end there. The budget is the wall-clock time of the
+training loop; Ray start-up, data decoding, the final evaluation and the export are not in it.
+The decision is printed, stored in the run's progress (a resumed run keeps it) and in
+metrics.json ("time_budget"). Early stopping is off for a budgeted run unless --patience is given:
+the cosine schedule is meant to run to its end.
 
 Exit codes: 0 success, 2 bad input (nothing started or published), 1 training failed.
 """
@@ -33,6 +41,7 @@ from emotion_core import storage
 from emotion_core.checkpoint import CheckpointError, ModelManifest, export_model, read_pointer, write_pointer
 from emotion_core.faces import DetectorUnavailableError, list_detectors
 from emotion_core.models import count_parameters, create_model, list_models, model_descriptions, resolve_input_spec
+from emotion_core.tta import TTA_MODES
 
 from . import _cli, _train_data, _train_report, _train_state
 from ._cli import JobError, UsageError
@@ -83,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="fraction of train carved out per class when there is no validation/ split (default %(default)s)")
     a("--monitor", choices=["macro_f1", "accuracy"], default="macro_f1",
       help="validation metric for early stopping and best checkpoint (default %(default)s)")
-    a("--patience", type=int, default=10,
-      help="stop after this many epochs without improvement of --monitor; 0 disables (default %(default)s)")
+    a("--patience", type=int, default=None,
+      help="stop after this many epochs without improvement of --monitor; 0 disables (default 10, and 0 with "
+           "--time-budget)")
     a("--keep", type=int, default=2,
       help="checkpoints to keep: the best K by --monitor, plus the latest (default %(default)s)")
     a("--max-failures", type=int, default=2,
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="crop every image to the largest face this detector finds, as labelling does (images without a face "
            "are skipped); for datasets of photos rather than face crops (default %(default)s: whole images)")
     a("--no-augment", action="store_true", help="disable training augmentation")
+    recipe_arguments(p)
     a("--publish", default=None,
       help="after a successful run, atomically write a pointer JSON (e.g. s3://b/models/latest.json) "
            "naming the exported model version")
@@ -105,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
       help="exported model versions to keep in OUTPUT/NAME/models/; the version --publish names is always "
            "kept (default %(default)s)")
     return p
+
+
+def recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The time budget, class subset and regularisation options (issue #13); all off by default."""
+    a = p.add_argument
+    a("--time-budget", type=float, default=None, metavar="MINUTES",
+      help="train for this many wall-clock minutes of the training loop: epochs = what fits after timing the "
+           "first epoch, at most --epochs; the LR schedule ends there (see below)")
+    a("--classes", default=None,
+      help="train on a subset of the classes, e.g. happy,sad; other class folders are ignored in every split "
+           "(default: every class in train/)")
+    a("--random-erasing", type=float, default=0.0, metavar="P",
+      help="probability per training image of erasing one random box with noise (default %(default)s = off)")
+    a("--mixup", type=float, default=0.0, metavar="ALPHA",
+      help="MixUp with lambda ~ Beta(ALPHA, ALPHA), e.g. 0.2; soft targets (default %(default)s = off)")
+    a("--cutmix", type=float, default=0.0, metavar="ALPHA",
+      help="CutMix with lambda ~ Beta(ALPHA, ALPHA), e.g. 1.0 (default %(default)s = off)")
+    a("--mix-prob", type=float, default=1.0,
+      help="probability that a batch is mixed when --mixup/--cutmix is on (default %(default)s)")
+    a("--mix-switch-prob", type=float, default=0.5,
+      help="with both --mixup and --cutmix: probability that a mixed batch uses CutMix (default %(default)s)")
+    a("--ema", type=float, default=0.0, metavar="DECAY",
+      help="keep an exponential moving average of the weights (e.g. 0.999); it is validated, checkpointed and "
+           "exported instead of the raw weights (default %(default)s = off)")
+    a("--tta", choices=TTA_MODES, default="none",
+      help="test-time augmentation for the final evaluation: flip averages the image and its mirror, flip+shift "
+           "adds two shifted views; recorded in model.json (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -130,10 +168,17 @@ def run(args: argparse.Namespace) -> dict:
 
     eval_split = splits.eval_split
     task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
-    cm = np.asarray(ray.get(task.remote(best, decoded.datasets[eval_split], cfg.to_dict())), dtype=np.int64)
+    modes = [cfg.tta] + (["none"] if cfg.tta != "none" else [])  # with TTA, also the plain figure
+    cms = ray.get([task.remote(best, decoded.datasets[eval_split], cfg.to_dict(), m) for m in modes])
+    cm = np.asarray(cms[0], dtype=np.int64)
     summary = M.summary(cm, list(cfg.classes))
-    _cli.say(JOB, f"{eval_split} split, best checkpoint (epoch {progress.best_epoch}, by val {cfg.monitor}):")
+    _cli.say(JOB, f"{eval_split} split, best checkpoint (epoch {progress.best_epoch}, by val {cfg.monitor}"
+                  f"{', EMA weights' if cfg.ema else ''}{', TTA ' + cfg.tta if cfg.tta != 'none' else ''}):")
     print(M.format_table(summary), flush=True)
+    if len(cms) > 1:
+        plain = M.summary(np.asarray(cms[1], dtype=np.int64), list(cfg.classes))
+        summary["without_tta"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}
+        _cli.say(JOB, f"TTA {cfg.tta}: accuracy {summary['accuracy']:.4f} vs {plain['accuracy']:.4f} without")
     report_skipped(decoded.skipped)
 
     model_uri, manifest, n_params = export(best, cfg, splits, summary, progress, run_uri, eval_split, args)
@@ -157,11 +202,12 @@ def validate_args(args) -> None:
     for flag in ("epochs", "batch_size", "num_workers", "keep", "keep_models"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    validate_recipe_args(args)
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.patience < 0 or args.max_failures < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+    if (args.patience or 0) < 0 or args.max_failures < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         raise UsageError("--patience, --max-failures, --warmup-epochs and --weight-decay must not be negative")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
@@ -191,9 +237,27 @@ def validate_args(args) -> None:
         raise UsageError(f"{e}; fix --output/--publish or the credentials") from e
 
 
+def validate_recipe_args(args) -> None:
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+    for flag in ("random_erasing", "mix_prob", "mix_switch_prob"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a probability in [0, 1], got {getattr(args, flag)}")
+    if args.mixup < 0 or args.cutmix < 0:
+        raise UsageError("--mixup and --cutmix must not be negative (0 = off)")
+    if not 0 <= args.ema < 1:
+        raise UsageError(f"--ema must be a decay in [0, 1) (0 = off), e.g. 0.999; got {args.ema}")
+
+
+def class_subset(value: str | None) -> list[str] | None:
+    """``--classes a,b`` as a list (None: every class)."""
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
 def find_data(args) -> _train_data.DataSplits:
     try:
-        splits = _train_data.discover(args.data, val_fraction=args.val_fraction, seed=args.seed)
+        splits = _train_data.discover(args.data, val_fraction=args.val_fraction, seed=args.seed,
+                                      classes=class_subset(args.classes))
     except _train_data.DataError as e:
         raise UsageError(str(e)) from e
     if args.init_weights:
@@ -241,14 +305,18 @@ def decode_data(args, splits) -> _train_data.Decoded:
 
 def make_config(args, splits, decoded) -> TrainConfig:
     weights = class_weights(decoded.train_class_counts, args.class_weighting)
+    # a budgeted run's cosine schedule is meant to run to its end: no early stopping unless asked for
+    patience = args.patience if args.patience is not None else (0 if args.time_budget else 10)
     return TrainConfig(
         model=args.model, classes=tuple(splits.classes), input_spec=args.input_spec,
         train_size=decoded.counts["train"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         class_weighting=args.class_weighting, class_weights=tuple(weights) if weights else None,
-        monitor=args.monitor, patience=args.patience, seed=args.seed, augment=not args.no_augment,
+        monitor=args.monitor, patience=patience, seed=args.seed, augment=not args.no_augment,
         use_gpu=args.use_gpu, precision=args.precision, num_workers=args.num_workers,
         init_weights=args.init_weights, dataset_fingerprint=splits.fingerprint, faces=args.faces,
+        random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, mix_prob=args.mix_prob,
+        mix_switch_prob=args.mix_switch_prob, ema=args.ema, tta=args.tta, time_budget_min=args.time_budget,
     )
 
 
@@ -264,7 +332,12 @@ def check_resumable(previous: dict | None, cfg: TrainConfig, run_uri: str) -> No
             f"run {run_uri} already holds checkpoints with a different {'data' if what == 'fingerprint' else what}; "
             "pass a new --name (or the original --data/--model to resume it)"
         )
-    _cli.say(JOB, f"resuming run {run_uri} after epoch {previous['progress']['epoch']} (of {cfg.epochs})")
+    budget, total = previous["progress"].get("budget"), f"of {cfg.epochs}"
+    if budget and cfg.time_budget_min:
+        same = budget["budget_s"] == cfg.time_budget_min * 60 and budget["cap"] == cfg.epochs
+        total = (f"of {budget['epochs']}, decided for its {budget['budget_s'] / 60:g}-minute budget" if same else
+                 f"re-planned for {cfg.time_budget_min:g} minutes from the measured {budget['epoch_s']:.1f} s/epoch")
+    _cli.say(JOB, f"resuming run {run_uri} after epoch {previous['progress']['epoch']} ({total})")
 
 
 def fit(cfg: TrainConfig, args, decoded) -> ray.train.Result:
@@ -313,13 +386,15 @@ def export(best, cfg: TrainConfig, splits, summary, progress, run_uri: str, eval
     the last --keep-models versions and the one --publish names now are kept."""
     model = cfg.create_model()
     with best.as_directory() as d:
-        _train_state.load(d, model=model)
+        _train_state.load_eval_weights(d, model)
     metrics = {
         "eval_split": eval_split,
         "accuracy": summary["accuracy"],
         "macro_f1": summary["macro_f1"],
         "per_class": summary["per_class"],
         "best_epoch": progress.best_epoch,
+        "weights": "ema" if cfg.ema else "trained",
+        "tta": cfg.tta,
         "val": next((h for h in progress.history if h["epoch"] == progress.best_epoch), None),
     }
     training_config = {k: v for k, v in cfg.to_dict().items() if k not in ("classes", "input_spec")}
@@ -341,6 +416,7 @@ def export(best, cfg: TrainConfig, splits, summary, progress, run_uri: str, eval
 def write_artifacts(run_uri, args, cfg, splits, decoded, summary, cm, progress, model_uri, manifest, n_params) -> dict:
     history = progress.history
     train_time = sum(h["epoch_time_s"] for h in history)
+    planned = progress.budget["epochs"] if progress.budget else cfg.epochs
     report = {
         "run": run_uri,
         "model": cfg.model,
@@ -351,9 +427,12 @@ def write_artifacts(run_uri, args, cfg, splits, decoded, summary, cm, progress, 
         "test": summary,
         "best_epoch": progress.best_epoch,
         "epochs_completed": progress.epoch,
-        "stopped_early": progress.epoch < cfg.epochs,
+        "epochs_planned": planned,
+        "stopped_early": progress.epoch < planned,
+        "time_budget": progress.budget,  # {budget_s, epoch_s (measured), cap, epochs} or None
         "history": history,
-        "train_time_s": train_time,
+        "train_time_s": train_time,  # training passes only
+        "loop_time_s": history[-1]["elapsed_s"] if history else 0.0,  # train + validation + checkpoints
         "images_per_s": sum(h["images_per_s"] * h["epoch_time_s"] for h in history) / train_time if train_time else 0.0,
         "data": splits.manifest(),
         "skipped_images": decoded.skipped,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from emotion_core import storage
-from jobs import train
+from jobs import _train_state, train
 
 CLASSES = ("happy", "sad", "surprise")
 
@@ -119,6 +119,40 @@ def test_resume_continues_from_saved_epoch(ray_session, faces3, tmp_path, capsys
     assert train.main([*fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1"), "--model", "emonet"]) == 2
 
 
+def test_time_budget_with_every_recipe_option_on_a_class_subset(ray_session, faces3, tmp_path, capsys):
+    """--time-budget times the first epoch, picks the epoch count (the same on both DDP workers),
+    ends the cosine there, stays within the budget (plus one epoch of slack), and stores the
+    decision for a resumed run; EMA, MixUp, CutMix, random erasing, TTA and --classes run end to
+    end and are recorded in model.json."""
+    from emotion_core.checkpoint import load_manifest
+
+    args = fast_args(faces3, tmp_path, "--name", "budget", "--time-budget", "0.2", "--epochs", "40",
+                     "--num-workers", "2", "--classes", "sad,happy", "--ema", "0.9", "--mixup", "0.2",
+                     "--cutmix", "1.0", "--random-erasing", "0.25", "--tta", "flip")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "budget" / "metrics.json").read_text())
+    b = m["time_budget"]
+    assert b["budget_s"] == 12.0 and b["cap"] == 40 and b["epoch_s"] > 0
+    assert b["epochs"] == max(1, min(40, int(12.0 // b["epoch_s"])))
+    assert f"time budget 0.2 min: first epoch took {b['epoch_s']:.1f} s (train + validation) -> {b['epochs']} epochs" \
+        in out
+    assert m["epochs_completed"] == m["epochs_planned"] == b["epochs"] and not m["stopped_early"]
+    assert m["config"]["patience"] == 0  # no early stopping in a budgeted run by default
+    assert m["loop_time_s"] <= b["budget_s"] + b["epoch_s"]  # one epoch of slack
+    if b["epochs"] > 1:  # decided after epoch 1: from epoch 2 on the cosine ends at the last epoch, at its floor
+        assert m["history"][-1]["lr"] == pytest.approx(0.005 * 0.01)
+    assert m["test"]["classes"] == ["happy", "sad"] and m["data"]["counts"]["test"] == {"happy": 20, "sad": 20}
+    assert set(m["test"]["without_tta"]) == {"accuracy", "macro_f1"}
+    manifest = load_manifest(m["model_uri"])
+    assert manifest.classes == ["happy", "sad"] and manifest.metrics["weights"] == "ema"
+    tc = manifest.training_config
+    assert (tc["ema"], tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["tta"], tc["time_budget_min"]) == \
+        (0.9, 0.2, 1.0, 0.25, "flip", 0.2)
+    latest = _train_state.latest_run_state(str(tmp_path / "budget"))  # what a resumed run restores
+    assert latest["progress"]["budget"] == b  # resuming keeps it (tests/test_train_units.py)
+
+
 def test_s3_data_and_checkpoints(ray_session, faces3, s3_bucket):
     from emotion_core.checkpoint import load_model
 
@@ -161,6 +195,13 @@ def _bad(argv, capsys, tmp_path, expect: str):
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--batch-size", "-4"], "--batch-size must be a positive integer"),
         (["--name", "a/b"], "--name"),
+        (["--time-budget", "0"], "--time-budget must be a positive number of minutes"),
+        (["--ema", "1.5"], "--ema must be a decay in [0, 1)"),
+        (["--random-erasing", "2"], "--random-erasing must be a probability"),
+        (["--mixup", "-1"], "--mixup and --cutmix must not be negative"),
+        (["--classes", "happy,grumpy"], "--classes: unknown emotion class 'grumpy'"),
+        (["--classes", "happy"], "name at least two classes"),
+        (["--classes", "happy,angry"], "--classes: no training images for angry"),
     ],
 )
 def test_bad_arguments(faces3, tmp_path, capsys, extra, expect):
@@ -212,7 +253,8 @@ def test_cli_help_and_exit_code(tmp_path):
     )
     assert h.returncode == 0
     for opt in ("--data", "--model", "--output", "--name", "--epochs", "--batch-size", "--lr", "--num-workers",
-                "--use-gpu", "--init-weights", "--seed", "--publish", "emonet", "efficientnet_b2", "RAY_ADDRESS"):
+                "--use-gpu", "--init-weights", "--seed", "--publish", "emonet", "efficientnet_b2", "RAY_ADDRESS",
+                "--time-budget", "--classes", "--random-erasing", "--mixup", "--cutmix", "--ema", "--tta"):
         assert opt in h.stdout
     bad = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(tmp_path), "--model", "vgg"],
                          cwd=root, capture_output=True, text=True, env=env)

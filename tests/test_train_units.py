@@ -190,3 +190,151 @@ def test_epoch_progress_prints_a_bar_with_rate_and_eta_at_most_every_interval():
     quiet = EpochProgress("epoch 1/1", total=1000, every_s=3600, out=lines.append)
     quiet.update(500)
     assert len(lines) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe options (issue #13): random erasing, MixUp/CutMix, EMA, time budget
+
+
+def test_random_erasing_replaces_one_box_per_chosen_image():
+    from jobs._train_recipe import random_erasing
+
+    x = torch.zeros(64, 1, 48, 48)
+    assert random_erasing(x, torch.Generator(), 0.0) is x
+    e = random_erasing(x, torch.Generator().manual_seed(0), 1.0)
+    assert e.shape == x.shape and torch.equal(e, random_erasing(x, torch.Generator().manual_seed(0), 1.0))
+    changed = (e != 0).float().mean(dim=(1, 2, 3))
+    assert (changed > 0.01).all() and (changed < 0.36).all()  # every image, 2-33 % of its area
+    for img in (e[:, 0] != 0):  # one axis-aligned box: its bounding box is full
+        rows, cols = img.any(1).nonzero(), img.any(0).nonzero()
+        box = img[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.99
+    half = random_erasing(x, torch.Generator().manual_seed(1), 0.5)
+    assert 16 < int((half != 0).flatten(1).any(1).sum()) < 48  # about half the images
+
+
+def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
+    from jobs._train_recipe import mix_batch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 48, 48)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    same, onehot = mix_batch(x, y, gen, 3)
+    assert same is x and torch.equal(onehot, torch.nn.functional.one_hot(y, 3).float())
+    assert mix_batch(x, y, gen, 3, mixup=0.2, prob=0.0)[0] is x
+
+    mixed, t = mix_batch(x, y, gen, 3, mixup=1.0)
+    assert mixed.shape == x.shape and t.shape == (8, 3) and torch.allclose(t.sum(1), torch.ones(8))
+    lam = float(t[0, y[0]]) if y[0] != y[-1] else None  # image 0 is mixed with image 7
+    assert lam is not None and torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
+
+    cut, t = mix_batch(x, y, gen, 3, cutmix=1.0)
+    assert torch.allclose(t.sum(1), torch.ones(8))
+    from_partner = (cut[0] == x[7]) & (cut[0] != x[0])
+    assert float(from_partner.float().mean()) == pytest.approx(1 - float(t[0, y[0]]), abs=1e-6)
+    assert ((cut[0] == x[0]) | (cut[0] == x[7])).all()  # every pixel comes from one of the pair
+
+    picks = [mix_batch(x, y, torch.Generator().manual_seed(s), 3, mixup=0.2, cutmix=1.0)[0] for s in range(20)]
+    n_cut = sum(bool(((p[0] == x[0]) | (p[0] == x[7])).all()) for p in picks)
+    assert 2 < n_cut < 18  # both are used when both are on
+
+
+def test_soft_targets_with_label_smoothing_match_hard_labels():
+    from emotion_core.models import get_input_spec
+    from jobs._train_recipe import make_criterion
+
+    cfg = TrainConfig(model="cnn", classes=("a", "b", "c"), input_spec=get_input_spec("cnn"), train_size=10)
+    crit = make_criterion(cfg, torch.device("cpu"))
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    assert crit(logits, torch.nn.functional.one_hot(y, 3).float()) == pytest.approx(float(crit(logits, y)))
+
+
+def test_ema_math_and_copied_buffers():
+    from jobs._train_recipe import ModelEma
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(model, decay=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(8, 3))  # moves the batch-norm running statistics
+    ema.update(model)  # first update: d = min(0.9, 1/10) = 0.1
+    for e, s, p in zip(ema.module.parameters(), start, model.parameters()):
+        assert torch.allclose(e, 0.1 * s + 0.9 * p)
+    for eb, b in zip(ema.module.buffers(), model.buffers()):
+        assert torch.equal(eb, b)
+    for _ in range(200):
+        ema.update(model)
+    assert ema.updates == 201
+    for e, p in zip(ema.module.parameters(), model.parameters()):
+        assert torch.allclose(e, p, atol=1e-6)  # converges to constant weights
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_time_budget_plan_and_stretchable_schedule():
+    from jobs._train_recipe import Schedule, plan_epochs
+
+    assert plan_epochs(600, 55, 100) == 10  # floor: the last epoch still ends inside the budget
+    assert plan_epochs(600, 5, 30) == 30  # --epochs is a cap
+    assert plan_epochs(60, 300, 30) == 1  # at least one epoch
+
+    s = Schedule(steps_per_epoch=10, epochs=30, warmup_epochs=1)
+    assert s(299) > 0.01 and s.warmup == 10
+    s.set_epochs(5)
+    assert s(50) == pytest.approx(0.01) and s(5) == pytest.approx(0.6) and s(25) < s(15)
+
+
+def test_ema_and_budget_survive_the_resume_checkpoint(tmp_path):
+    from emotion_core.models import create_model
+    from jobs._train_recipe import ModelEma
+
+    model, opt, sched = _trained_objects()
+    ema = ModelEma(model, 0.99)
+    for _ in range(3):
+        ema.update(model)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.mul_(0.5)  # make the EMA differ from the weights
+    progress = _progress(1)
+    progress.budget = {"budget_s": 600.0, "epoch_s": 55.0, "cap": 100, "epochs": 10}
+    _train_state.save(str(tmp_path), model=model, optimizer=opt, scheduler=sched, progress=progress,
+                      config=_config(), ema=ema)
+    assert (tmp_path / "train_ema.safetensors").exists()
+
+    model2, opt2, sched2 = _trained_objects(seed=1)
+    ema2 = ModelEma(model2, 0.99)
+    got = _train_state.load(str(tmp_path), model=model2, optimizer=opt2, scheduler=sched2, ema=ema2)
+    assert got.budget == progress.budget and ema2.updates == 3
+    for a, b in zip(ema.module.state_dict().values(), ema2.module.state_dict().values()):
+        assert torch.equal(a, b)
+    exported = create_model("cnn", 3)
+    _train_state.load_eval_weights(str(tmp_path), exported)  # the EMA, not the raw weights
+    for a, b in zip(exported.state_dict().values(), ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _train_state.save(str(plain), model=model, optimizer=opt, scheduler=sched, progress=progress, config=_config())
+    ema3 = ModelEma(create_model("cnn", 3), 0.99)
+    _train_state.load(str(plain), model=model2, ema=ema3)  # --ema newly on: starts from the weights
+    for a, b in zip(ema3.module.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_resumed_budgeted_run_keeps_its_decided_epochs():
+    from emotion_core.models import get_input_spec
+    from jobs._train_worker import budget_decision, planned_epochs
+
+    def cfg(**kw):
+        return TrainConfig(model="cnn", classes=("a", "b"), input_spec=get_input_spec("cnn"), train_size=10, **kw)
+
+    budgeted = cfg(epochs=100, time_budget_min=10.0)
+    progress = _train_state.RunProgress()
+    assert planned_epochs(budgeted, progress) == 100  # not measured yet: the cap
+    progress.budget = budget_decision(budgeted, epoch_s=55.0)
+    assert progress.budget == {"budget_s": 600.0, "epoch_s": 55.0, "cap": 100, "epochs": 10}
+    assert planned_epochs(budgeted, progress) == 10  # the same command resumes to the same length
+    assert planned_epochs(cfg(epochs=100, time_budget_min=20.0), progress) == 21  # a new budget: re-planned
+    assert progress.budget["epochs"] == 21 and progress.budget["epoch_s"] == 55.0
+    assert planned_epochs(cfg(epochs=30), progress) == 30  # no budget: --epochs
