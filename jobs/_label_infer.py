@@ -12,7 +12,8 @@ single S3 PUT / completed multipart upload).
 
 Image bytes never cross a process boundary. On CPU the model runs traced and frozen (oneDNN,
 several times faster than eager for these small CNNs; checked against eager on load, falling
-back to eager on any mismatch); on GPU in fp16 autocast with channels_last. Memory per actor is
+back to eager on any mismatch); on GPU in fp16 autocast with channels_last. With ``tta`` the
+probabilities are the mean over the views of :mod:`emotion_core.tta` (one forward pass each). Memory per actor is
 bounded: ``chunk_rows`` images (or one shard, read whole, at most ``max_shard_bytes``) at a time.
 """
 
@@ -34,6 +35,7 @@ from emotion_core import faces as F
 from emotion_core import shards, storage
 from emotion_core.preprocess import ImageDecodeError, InputSpec, decode_batch, normalize
 from emotion_core.schema import TIMESTAMP, label_schema, prob_column
+from emotion_core.tta import tta_probs
 
 IMAGE_COLUMNS = ["image_uri", "shard_uri", "shard_member", "etag", "size_bytes", "last_modified"]
 UNIT_KEY, OBJECTS_KEY, SHARDS_KEY = b"emotion.unit", b"emotion.unit_objects", b"emotion.unit_shards"
@@ -98,6 +100,7 @@ class Labeller:
         max_shard_bytes: int = 1 << 30,
         jit: bool = True,
         faces: str = "none",
+        tta: str = "none",
     ):
         from emotion_core.checkpoint import load_model
 
@@ -116,6 +119,7 @@ class Labeller:
         self.out_dir = out_dir
         self.fetch_threads, self.infer_batch, self.chunk_rows = fetch_threads, infer_batch, chunk_rows
         self.max_object_bytes, self.max_shard_bytes = max_object_bytes, max_shard_bytes
+        self.tta = tta
         self.auto = faces == "auto"
         self.whole = F.create_detector("none")
         self.detector = F.create_detector(F.default_detector() if self.auto else faces)
@@ -167,7 +171,7 @@ class Labeller:
             "error": [le or r.error for le, r in zip(listed_errors, reads)],
         }
         datas = [None if le else r.data for le, r in zip(listed_errors, reads)]
-        return _image_rows(meta, listing["last_modified"]), datas
+        return image_rows(meta, listing["last_modified"]), datas
 
     def read_shard(self, row: dict):
         """One shard object (one GET) -> image rows and bytes, ``chunk_rows`` members at a time."""
@@ -179,7 +183,7 @@ class Labeller:
         if error:  # the shard itself cannot be read: one error row names it
             meta = {"image_uri": [shard_uri], "shard_uri": [shard_uri], "shard_member": [None], "etag": [etag],
                     "size_bytes": [row["size_bytes"]], "last_modified": [mtime], "error": [error]}
-            yield _image_rows(meta), [None]
+            yield image_rows(meta), [None]
             return
         group: list = []
         for member in shards.iter_members(read.data, row["format"], shard_uri):
@@ -202,7 +206,7 @@ class Labeller:
             "last_modified": [mtime] * n,
             "error": [m.error for m in members],
         }
-        return _image_rows(meta), [m.data for m in members]
+        return image_rows(meta), [m.data for m in members]
 
     # -- faces, decoding and inference ---------------------------------------------------------
 
@@ -263,8 +267,7 @@ class Labeller:
         with torch.inference_mode():
             for start in range(0, len(pixels), self.infer_batch):
                 x = torch.from_numpy(pixels[start:start + self.infer_batch]).to(self.device, non_blocking=True)
-                logits = self.forward(normalize(x, self.spec)).float()
-                out[start:start + len(x)] = torch.softmax(logits, 1).cpu().numpy()
+                out[start:start + len(x)] = tta_probs(self.forward, normalize(x, self.spec), self.tta).cpu().numpy()
         return out
 
     def result_table(self, images: pa.Table, probs: np.ndarray, labelled: np.ndarray, rows: dict) -> pa.Table:
@@ -302,7 +305,7 @@ def _ms(value) -> int | None:
     return int(value.timestamp() * 1000) if hasattr(value, "timestamp") else int(value)
 
 
-def _image_rows(meta: dict, listed_mtime: pa.ChunkedArray | None = None) -> pa.Table:
+def image_rows(meta: dict, listed_mtime: pa.ChunkedArray | None = None) -> pa.Table:
     mtimes = meta["last_modified"]
     if listed_mtime is not None:
         listed = listed_mtime.cast(pa.int64()).to_pylist()

@@ -54,8 +54,9 @@ class TrainConfig:
 
     @property
     def run_key(self) -> dict:
-        """What must match for a run to resume another: model, classes, data."""
-        return {"model": self.model, "classes": list(self.classes), "fingerprint": self.dataset_fingerprint}
+        """What must match for a run to resume another: model, classes, data and how faces are cut."""
+        return {"model": self.model, "classes": list(self.classes), "fingerprint": self.dataset_fingerprint,
+                "faces": self.faces}
 
     def create_model(self, init_weights: str | None = None):
         """The architecture at this run's input size and channels."""

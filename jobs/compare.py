@@ -83,17 +83,18 @@ def label_images_per_s(model_uri: str, datas: list[bytes], *, device: str = "cpu
     figure per timed pass."""
     from emotion_core.checkpoint import load_manifest
 
-    from ._label_infer import Labeller, _image_rows
+    from ._label_infer import Labeller, image_rows
     from ._train_recipe import node_cpus
 
     manifest = load_manifest(model_uri)
     labeller = Labeller(model_uri, manifest.version, manifest.weights_sha256,
                         {"model_name": manifest.architecture, "model_version": manifest.version, "run_id": "compare"},
-                        out_dir="", device=device, threads=node_cpus())
+                        out_dir="", device=device, threads=node_cpus(),
+                        tta=(manifest.training_config or {}).get("tta") or "none")
     chunk = labeller.chunk_rows
 
     def rows(n: int):
-        return _image_rows({"image_uri": [f"eval/{i}" for i in range(n)], "shard_uri": [None] * n,
+        return image_rows({"image_uri": [f"eval/{i}" for i in range(n)], "shard_uri": [None] * n,
                             "shard_member": [None] * n, "etag": [None] * n, "size_bytes": [None] * n,
                             "last_modified": [None] * n, "error": [None] * n})
 

@@ -38,6 +38,7 @@ from ray.data import ActorPoolStrategy
 from emotion_core import storage
 from emotion_core.checkpoint import CheckpointError, load_model, new_version_id, resolve_model_uri
 from emotion_core.schema import athena_ddl
+from emotion_core.tta import TTA_MODES
 
 from . import _cli, _label_commit, _label_plan, _listing
 from ._cli import JobError, UsageError
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       help="find faces first and label each one (one row per face): a detector (yunet, retinaface, haar), "
            "none (each image is one face crop), or auto: images larger than the model input go through the "
            "default detector, images at or below it are face crops (default %(default)s)")
+    a("--tta", choices=["auto", *TTA_MODES], default="auto",
+      help="test-time augmentation: average the model over views of each face (flip: 2 forward passes, "
+           "flip+shift: 4); auto = what the model was evaluated with in training (model.json), else none")
     a("--batch-size", type=int, default=None,
       help="images per forward pass (default 64 on CPU, where larger batches fall out of cache; 256 on GPU)")
     a("--block-rows", type=int, default=512, help="images fetched, decoded and labelled together (default 512)")
@@ -282,6 +286,7 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
         "max_object_bytes": args.max_object_bytes,
         "jit": not args.no_jit,
         "faces": args.faces,
+        "tta": args.tta if args.tta != "auto" else (manifest.training_config or {}).get("tta") or "none",
     }
     units = ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
     try:
@@ -350,6 +355,7 @@ def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, file
         errors=errors,
         error_rows=sum(errors.values()),
         faces_mode=args.faces,
+        tta=args.tta,
         images=images,
         faces=faces,
         images_without_faces=no_face,

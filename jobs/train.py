@@ -325,11 +325,13 @@ def check_resumable(previous: dict | None, cfg: TrainConfig, run_uri: str) -> No
     if previous is None:
         return
     old = TrainConfig.from_dict(previous["config"]).run_key if "config" in previous else previous.get("run_key", {})
+    old = {"faces": "none", **old}  # runs from before --faces cut no faces
     new = cfg.run_key
     if old != new:
-        what = next((k for k in ("model", "classes", "fingerprint") if old.get(k) != new[k]), "data")
+        what = next((k for k in ("model", "classes", "fingerprint", "faces") if old.get(k) != new[k]), "data")
         raise UsageError(
-            f"run {run_uri} already holds checkpoints with a different {'data' if what == 'fingerprint' else what}; "
+            f"run {run_uri} already holds checkpoints with a different "
+            f"{'data' if what == 'fingerprint' else '--faces detector' if what == 'faces' else what}; "
             "pass a new --name (or the original --data/--model to resume it)"
         )
     budget, total = previous["progress"].get("budget"), f"of {cfg.epochs}"

@@ -109,7 +109,7 @@ def test_train_config_round_trips_typed():
     back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     assert back.per_worker_batch(2) == 64 and back.steps_per_epoch(2) == 7
-    assert back.run_key == {"model": "cnn", "classes": ["a", "b"], "fingerprint": None}
+    assert back.run_key == {"model": "cnn", "classes": ["a", "b"], "fingerprint": None, "faces": "none"}
 
 
 def test_checkpoint_state_round_trip_without_pickle(tmp_path):
