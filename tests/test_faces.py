@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -259,3 +260,27 @@ def test_scene_cli_writes_scenes_and_boxes(tmp_path):
     again = S.make_scenes(3, S.synthetic_faces(), seed=1)
     assert (tmp_path / "scene_00001.jpg").read_bytes() == again[1].jpeg  # deterministic
     assert S.main([str(tmp_path), "--faces", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.parametrize("tilt", [-20, 15])
+def test_eye_alignment_levels_a_tilted_face(tilt):
+    """A real face (Grace Hopper) tilted by ``tilt`` degrees: with ``align`` its crop is rotated
+    back by about that angle (from the eye landmarks) and is closer to the upright face's crop than
+    the crop as cut."""
+    upright = Image.open(GRACE_HOPPER).convert("RGB")
+    tilted = upright.rotate(tilt, resample=Image.Resampling.BICUBIC, expand=False)
+    aligned, unaligned = F.create_detector("yunet"), F.create_detector("yunet", align=False)
+    assert aligned.align and not unaligned.align  # on by default
+    spec = InputSpec(48, 1, (0.5,), (0.5,))
+    [face] = aligned.detect(F.Photo.from_array(np.asarray(tilted)))
+    [straight] = aligned.detect(F.Photo.from_array(np.asarray(upright)))
+    own = math.degrees(math.atan2(straight.landmarks[1][1] - straight.landmarks[0][1],
+                                  straight.landmarks[1][0] - straight.landmarks[0][0]))  # her head's own tilt
+    assert aligned.eye_angle(face) == pytest.approx(own - tilt, abs=7) and unaligned.eye_angle(face) == 0.0
+    reference = F.crop_faces(F.Photo.from_array(np.asarray(upright)), [straight], spec, aligned)[0, 0]
+
+    def error(detector) -> float:
+        crop = F.crop_faces(F.Photo.from_array(np.asarray(tilted)), [face], spec, detector)[0, 0]
+        return float(np.abs(crop.astype(np.float32) - reference).mean())
+
+    assert error(aligned) < error(unaligned)

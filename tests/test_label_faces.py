@@ -103,3 +103,29 @@ def test_unknown_detector_is_a_usage_error(labels, tmp_path, capsys):
                      "--faces", "mtcnn"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--faces" in err[0] and "yunet" in err[0]
+
+
+def test_labeller_honours_an_rgb_256_model(tmp_path):
+    """A model trained at --image-size 256 --channels 3 (the seeds' photo datasets) is fed 256x256
+    RGB face crops by the labelling actor; a 48x48 face crop is smaller than its input, so under
+    auto it is classified whole (upscaled), a photo goes through the detector."""
+    from emotion_core.checkpoint import load_manifest
+    from jobs._label_infer import Labeller, image_rows
+    from tests.helpers import face_jpeg, save_untrained_model, write_scene_photos
+
+    model, _ = save_untrained_model(tmp_path / "model", classes=("happy", "sad"), img_size=256, in_chans=3)
+    manifest = load_manifest(model)
+    assert (manifest.input_spec.size, manifest.input_spec.channels) == (256, 3)
+    photos = write_scene_photos(tmp_path / "photos")
+    datas = [(tmp_path / "photos" / "group.jpg").read_bytes(), face_jpeg("happy", 3)]
+    n = len(datas)
+    labeller = Labeller(model, manifest.version, manifest.weights_sha256, {"model_name": "cnn", "model_version":
+                        manifest.version, "run_id": "t"}, out_dir=str(tmp_path), faces="auto", jit=False)
+    rows = labeller.label_images(image_rows({"image_uri": ["group.jpg", "crop.jpg"], "shard_uri": [None] * n,
+                                             "shard_member": [None] * n, "etag": [None] * n,
+                                             "size_bytes": [None] * n, "last_modified": [None] * n,
+                                             "error": [None] * n}), datas).to_pylist()
+    assert [(r["image_uri"], r["face_index"], r["face_detector"]) for r in rows] == \
+        [("group.jpg", 0, "yunet"), ("group.jpg", 1, "yunet"), ("crop.jpg", 0, "none")]
+    assert all(r["label"] in ("happy", "sad") and r["error"] is None for r in rows)
+    assert len(photos["group.jpg"]) == 2
