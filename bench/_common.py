@@ -463,6 +463,10 @@ def naive_label(
         cols["error"].append(error)
         cols["shard_uri"].append(None)  # loose objects only
         cols["shard_member"].append(None)
+        whole = error is None  # face crops: the whole image is face 0 of detector "none"
+        for name, value in (("face_index", 0), ("face_x", 0), ("face_y", 0), ("face_w", w), ("face_h", h),
+                            ("face_score", 1.0), ("faces_in_image", 1), ("face_detector", "none")):
+            cols[name].append(value if whole else None)
 
     def flush() -> None:
         if not pending:
@@ -571,6 +575,10 @@ def plan_data(workdir: Path, rows: int, new: int, classes: list[str], seed: int 
             "run_id": [f"run-{PLAN_PREVIOUS_DATE}"] * m, "labelled_at": [labelled_at] * m,
             "width": np.full(m, 48, np.int32), "height": np.full(m, 48, np.int32), "error": [None] * m,
             "shard_uri": [None] * m, "shard_member": [None] * m,
+            "face_index": np.zeros(m, np.int32), "face_x": np.zeros(m, np.int32), "face_y": np.zeros(m, np.int32),
+            "face_w": np.full(m, 48, np.int32), "face_h": np.full(m, 48, np.int32),
+            "face_score": np.ones(m, np.float32), "faces_in_image": np.ones(m, np.int32),
+            "face_detector": ["none"] * m,
         }
         pq.write_table(pa.table(cols, schema=schema).sort_by("image_uri"), part / f"part-{k}.parquet",
                        row_group_size=128 * 1024)
