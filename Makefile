@@ -26,7 +26,7 @@ test: $(STAMP)
 # The Spark query of cluster/QUERIES.md on the real job's output (needs Java 17+; pyspark is 450 MB).
 test-spark: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,spark]'
-	$(PY) -m pytest -q tests/test_spark.py
+	EMOTION_SPARK_TESTS=1 $(PY) -m pytest -q tests/test_spark.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

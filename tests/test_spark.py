@@ -1,9 +1,13 @@
 """The Spark snippet in cluster/QUERIES.md, run as written (only the URI and date replaced) with
 pyspark on the per-face table the real labelling job wrote. Needs the optional ``spark`` extra and
-Java 17+ (`make test-spark`); skipped where either is missing."""
+Java 17+, and runs only in its own pytest process (`make test-spark` sets EMOTION_SPARK_TESTS=1):
+in the full suite, the Ray Train test that followed a Spark session in the same process waited
+forever for its placement group (seen twice, not yet understood), so the JVM never shares a
+process with the Ray tests."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -12,6 +16,8 @@ import pytest
 from tests.helpers import real_labels
 from tests.test_queries import DAY, PLACEHOLDER_DATE, expected_counts, snippets
 
+if os.environ.get("EMOTION_SPARK_TESTS") != "1":
+    pytest.skip("Spark runs in its own process: make test-spark", allow_module_level=True)
 pyspark = pytest.importorskip("pyspark", reason="the optional 'spark' extra is not installed (make test-spark)")
 
 
