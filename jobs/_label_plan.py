@@ -103,9 +103,13 @@ def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str
     if previous is not None:
         plan.previous, files = previous
         prev = ray.data.read_parquet(files, filesystem=storage.filesystem(output)[0])
-        prev = prev.map_batches(carryable, batch_format="pyarrow",
+        prev = prev.map_batches(mark_carryable, batch_format="pyarrow",
                                 fn_kwargs={"classes": classes, "model_version": model_version, "faces": faces})
         parts = max(1, math.ceil(listed / 250_000))  # hash partitions: one per 250k objects
+        # An object is carried whole or not at all: one failing row (e.g. a shard member labelled by
+        # another detector) sends the whole object back to labelling.
+        failing = prev.map_batches(_failing_keys, batch_format="pyarrow")
+        prev = prev.join(failing, "left_anti", parts, on=("object_uri", "etag")).drop_columns(["carry"])
         keys = prev.select_columns(["object_uri", "etag"])
         listing = listing.join(keys, "left_anti", parts, on=("image_uri", "etag"), right_on=("object_uri", "etag"))
         carried = prev.join(ray.data.read_parquet(listing_shards, filesystem=storage.filesystem(stage)[0])
@@ -138,16 +142,28 @@ def add_format(batch: pa.Table, input_format: str) -> pa.Table:
 
 
 def carryable(batch: pa.Table, classes: list[str], model_version: str, faces: FaceRule = FaceRule()) -> pa.Table:
-    """Previous rows that may be carried forward (module doc), in the label schema, plus the
-    ``object_uri`` they were listed as (the shard for a member, else the image)."""
+    """Previous rows that pass the carry rule (module doc), in the label schema, plus the
+    ``object_uri`` they were listed as (the shard for a member, else the image). The plan carries
+    an object only when all its rows pass (:func:`mark_carryable` + a join)."""
+    batch = mark_carryable(batch, classes, model_version, faces)
+    return batch.filter(batch["carry"]).drop_columns(["carry"])
+
+
+def _failing_keys(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.invert(batch["carry"])).select(["object_uri", "etag"])
+
+
+def mark_carryable(batch: pa.Table, classes: list[str], model_version: str, faces: FaceRule = FaceRule()) -> pa.Table:
+    """Previous rows in the label schema, plus ``object_uri`` and ``carry`` (the row passes the
+    carry rule of the module doc)."""
     batch = whole_image_faces(conform(batch, label_schema(classes)))
     reason = pc.replace_substring_regex(pc.fill_null(batch["error"], ""), "(?s):.*", "")
     read_error = pc.is_in(reason, value_set=pa.array(list(storage.READ_ERROR_KINDS), pa.string()))
     same_faces = pc.or_kleene(pc.is_valid(batch["error"]),  # broken bytes stay broken whatever the detector
                               pc.equal(batch["face_detector"], faces.expected(batch["width"], batch["height"])))
     keep = pc.and_(pc.and_(pc.equal(batch["model_version"], model_version), pc.invert(read_error)), same_faces)
-    batch = batch.filter(pc.fill_null(keep, False))
-    return batch.append_column("object_uri", pc.coalesce(batch["shard_uri"], batch["image_uri"]))
+    batch = batch.append_column("object_uri", pc.coalesce(batch["shard_uri"], batch["image_uri"]))
+    return batch.append_column("carry", pc.fill_null(keep, False))
 
 
 def whole_image_faces(batch: pa.Table) -> pa.Table:

@@ -107,15 +107,19 @@ def test_plan_incremental_semantics(ray_session, tmp_path):
         _rows(["c.jpg"], ["2"], run_id="d2"), _rows(["d.jpg"], ["1"], run_id="d1"),
         _rows(["e.jpg"], ["1"], errors=["truncated: x"], run_id="d2"),
         _rows(["f.jpg"], ["1"], errors=["read_failed: SlowDown"], run_id="d2"),
+        # a shard whose members were labelled by different detectors: one fails the carry rule
+        _rows(["tar://m1::s.tar", "tar://m2::s.tar"], ["1", "1"], run_id="d2", shard_uri=["s.tar", "s.tar"],
+              face_index=[0, 0], faces_in_image=[1, 1], face_detector=["none", "yunet"]),
     ])
     _commit(out, "2024-05-02", day2, "d2")
     listing = _listing_shard(tmp_path / "listing.parquet",
-                             [(f"{c}.jpg", e) for c, e in zip("abcdefg", "1129111")])
+                             [(f"{c}.jpg", e) for c, e in zip("abcdefg", "1129111")] + [("s.tar", "1")])
     plan = _plan(out, stage, listing)
     assert plan.previous == "2024-05-02"  # the latest partition only: it is a full snapshot
     # a: unchanged -> carried; b: labelled by v2 -> redo; c: same etag as day 2 -> carried; d: etag
     # changed -> redo; e: broken image, unchanged -> carried; f: read error -> redo; g: new -> do
-    assert _uris(plan.units) == ["b.jpg", "d.jpg", "f.jpg", "g.jpg"] and plan.todo_rows == 4
+    # s.tar: carried whole or not at all; one member fails the rule, so the shard is labelled again
+    assert _uris(plan.units) == ["b.jpg", "d.jpg", "f.jpg", "g.jpg", "s.tar"] and plan.todo_rows == 5
     assert all(u["rows"] <= 3 for u in plan.units)  # work units of at most unit_rows
     assert pq.read_table(plan.units[0]["uri"]).column_names == [*storage.LISTING_SCHEMA.names, "format"]
     carried = pa.concat_tables([pq.read_table(c["uri"]) for c in plan.carried]).sort_by("image_uri")
