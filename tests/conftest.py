@@ -91,3 +91,14 @@ def synthetic_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces")
     generate_dataset(root, train_per_class=40, test_per_class=12, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def yunet():
+    """The default face detector, or a skip where its package is not installed."""
+    from emotion_core import faces as F
+
+    try:
+        return F.create_detector("yunet")
+    except F.DetectorUnavailableError as e:
+        pytest.skip(str(e))

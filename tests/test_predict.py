@@ -25,14 +25,6 @@ CLASSES = ("happy", "sad", "surprise")
 
 
 @pytest.fixture(scope="module")
-def yunet() -> F.FaceDetector:
-    try:
-        return F.create_detector("yunet")
-    except F.DetectorUnavailableError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     return save_untrained_model(tmp_path_factory.mktemp("model"), CLASSES)[0]
 

@@ -21,14 +21,6 @@ FACELESS = "train/happy/no_face.jpg"
 
 
 @pytest.fixture(scope="module")
-def yunet() -> F.FaceDetector:
-    try:
-        return F.create_detector("yunet")
-    except F.DetectorUnavailableError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def photo_data(tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     """train/: 12 photos per class plus one without a face; test/: 3 per class."""
     files = {FACELESS: photo_jpeg(None, 99)}
