@@ -318,6 +318,13 @@ def stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[lis
 # Ray Data
 
 
+def read_bytes(splits: DataSplits, items: list[Item]) -> list[bytes | None]:
+    """The encoded bytes of ``items`` (of ``splits``, from any source), ``None`` where unreadable."""
+    if splits.source == "s3":
+        return [r.data for r in storage.read_objects([it.path for it in items], threads=16)]
+    return _read_local(items, splits.zip_bytes)
+
+
 def _read_local(items: list[Item], zip_bytes: bytes | None) -> list[bytes | None]:
     if zip_bytes is not None:
         zf = zipfile.ZipFile(io.BytesIO(zip_bytes))

@@ -113,10 +113,7 @@ def eval_image_bytes(targs: argparse.Namespace, limit: int) -> list[bytes]:
     """Up to ``limit`` encoded images of the evaluation split (as jobs.train split the data)."""
     splits = _train_data.discover(targs.data, val_fraction=targs.val_fraction, seed=targs.seed,
                                   classes=train.class_subset(targs.classes))
-    items = getattr(splits, splits.eval_split)[:limit]
-    if splits.source == "s3":
-        return [r.data for r in storage.read_objects([it.path for it in items], threads=16) if r.data]
-    return [d for d in _train_data._read_local(items, splits.zip_bytes) if d]
+    return [d for d in _train_data.read_bytes(splits, getattr(splits, splits.eval_split)[:limit]) if d]
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> list[dict]:

@@ -102,7 +102,7 @@ def _error(uri: str) -> str:
 # --- round trips ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cnn", "emonet"])
+@pytest.mark.parametrize("name", ["cnn", "emonet", "emonet_lite"])
 def test_roundtrip_local(tmp_path, name):
     model, manifest = _trained(name), _manifest(name)
     d = str(tmp_path / "ckpt")

@@ -35,23 +35,29 @@ class NotATensor:
     """Something torch.load(weights_only=True) must refuse to unpickle."""
 
 
-def test_registry_lists_the_three_models_with_specs():
-    assert list_models() == ["cnn", "efficientnet_b2", "emonet"]
+def test_registry_lists_the_models_with_specs():
+    assert list_models() == ["cnn", "efficientnet_b2", "emonet", "emonet_lite"]
     assert set(model_descriptions()) == set(list_models())
-    for name in ("cnn", "emonet"):
+    for name in ("cnn", "emonet", "emonet_lite"):
         spec = get_input_spec(name)
         assert (spec.size, spec.channels, spec.mean, spec.std) == (48, 1, (0.5,), (0.5,))
     spec = get_input_spec("efficientnet_b2")
     assert (spec.size, spec.channels, spec.mean) == (96, 3, IMAGENET_MEAN)
 
 
-@pytest.mark.parametrize("name", ["cnn", "efficientnet_b2", "emonet"])
+@pytest.mark.parametrize("name", ["cnn", "efficientnet_b2", "emonet", "emonet_lite"])
 def test_output_shape_for_input_spec(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3)
     y = _out(model, _input(name))
     assert y.shape == (2, 3)
     assert torch.isfinite(y).all()
+
+
+def test_emonet_lite_has_one_conv_in_the_full_resolution_stages():
+    convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert convs(create_model("emonet", 7)) == [32, 32, 64, 64, 128, 128, 256, 256]
+    assert convs(create_model("emonet_lite", 7)) == [32, 64, 128, 128, 256, 256]
 
 
 def test_cnn_is_the_keras_sequential_cnn():
