@@ -286,7 +286,7 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
         "max_object_bytes": args.max_object_bytes,
         "jit": not args.no_jit,
         "faces": args.faces,
-        "tta": args.tta if args.tta != "auto" else (manifest.training_config or {}).get("tta") or "none",
+        "tta": resolved_tta(args.tta, manifest),
     }
     units = ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
     try:
@@ -313,6 +313,11 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
         except Exception as e2:  # not a poison object: a real failure, reported as one line
             raise JobError(f"labelling failed: {storage.short_error(e2)}; nothing committed") from e2
     return outputs, len(plan.units) - len(todo)
+
+
+def resolved_tta(option: str, manifest) -> str:
+    """``--tta auto`` is what the model was evaluated with (model.json's training config)."""
+    return option if option != "auto" else (manifest.training_config or {}).get("tta") or "none"
 
 
 def check_read_errors(labelled: dict, args) -> None:
@@ -355,7 +360,7 @@ def run_summary(args, run_id, model_uri, manifest, plan, labelled, carried, file
         errors=errors,
         error_rows=sum(errors.values()),
         faces_mode=args.faces,
-        tta=args.tta,
+        tta=resolved_tta(args.tta, manifest),
         images=images,
         faces=faces,
         images_without_faces=no_face,

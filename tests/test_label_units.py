@@ -361,3 +361,11 @@ def test_cli_exit_code_and_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jobs.label: error: --model:"), proc.stderr
 
+
+
+def test_tta_auto_resolves_to_what_the_model_was_evaluated_with():
+    from types import SimpleNamespace
+
+    assert label.resolved_tta("auto", SimpleNamespace(training_config={"tta": "flip"})) == "flip"
+    assert label.resolved_tta("auto", SimpleNamespace(training_config=None)) == "none"  # models from before --tta
+    assert label.resolved_tta("none", SimpleNamespace(training_config={"tta": "flip"})) == "none"
