@@ -13,7 +13,8 @@ Running the same command again with the same --name resumes from the latest chec
 
 --time-budget MINUTES thinks in time, not epochs: the first epoch (train + validation) is timed,
 the number of epochs is set to what fits in the budget (--epochs is then only a cap), and the
-warm-up + cosine LR schedule is set to end there. The budget is the wall-clock time of the
+warm-up + cosine LR schedule is set to end there; while the cosine is in its first half the
+number is corrected from the steady time of the later epochs (the first is the slowest). The budget is the wall-clock time of the
 training loop; Ray start-up, data decoding, the final evaluation and the export are not in it.
 The decision is printed, stored in the run's progress (a resumed run keeps it) and in
 metrics.json ("time_budget"). Early stopping is off for a budgeted run unless --patience is given:
@@ -431,7 +432,7 @@ def write_artifacts(run_uri, args, cfg, splits, decoded, summary, cm, progress, 
         "epochs_completed": progress.epoch,
         "epochs_planned": planned,
         "stopped_early": progress.epoch < planned,
-        "time_budget": progress.budget,  # {budget_s, epoch_s (measured), cap, epochs} or None
+        "time_budget": progress.budget,  # {budget_s, epoch_s (first), cap, epochs, replans} or None
         "history": history,
         "train_time_s": train_time,  # training passes only
         "loop_time_s": history[-1]["elapsed_s"] if history else 0.0,  # train + validation + checkpoints

@@ -279,6 +279,15 @@ def test_time_budget_plan_and_stretchable_schedule():
     assert plan_epochs(600, 5, 30) == 30  # --epochs is a cap
     assert plan_epochs(60, 300, 30) == 1  # at least one epoch
 
+    # The cnn's 30-minute run on FER2013: first epoch 11.3 s planned 159 epochs, but later ones took
+    # 7.0 s and the loop ended after 1,265 s. Corrected after epoch 2 (18 s used), it fills the budget.
+    from jobs._train_recipe import replan_epochs
+
+    assert plan_epochs(1800, 11.3, 300) == 159
+    assert replan_epochs(1800, 18.0, 2, 7.0, 300) == 2 + 254
+    assert replan_epochs(1800, 18.0, 2, 7.0, 200) == 200  # the cap still holds
+    assert replan_epochs(100, 99.0, 4, 7.0, 300) == 5  # at least one more epoch
+
     s = Schedule(steps_per_epoch=10, epochs=30, warmup_epochs=1)
     assert s(299) > 0.01 and s.warmup == 10
     s.set_epochs(5)
