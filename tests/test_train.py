@@ -86,35 +86,31 @@ def test_predict_cli(trained, faces3, tmp_path, capsys):
     assert predict.main(["--model", str(tmp_path / "nothing"), images[0]]) == 2
 
 
-def test_rerun_exports_a_new_version_and_never_touches_the_served_one(ray_session, faces3, tmp_path):
-    """The README's resume command, run again without --publish, must not swap the live model."""
+def test_resume_continues_from_saved_epoch_and_never_touches_the_served_model(ray_session, faces3, tmp_path,
+                                                                              capsys):
+    """The README's resume command (same command, more epochs: an interrupted run) continues from
+    the saved epoch, exports a new version and, without --publish, must not swap the live model."""
     from emotion_core.checkpoint import list_model_versions, load_model
 
     pointer = tmp_path / "latest.json"
-    args = fast_args(faces3, tmp_path, "--name", "v", "--num-workers", "1")
+    args = fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1")
     assert train.main([*args, "--epochs", "1", "--publish", str(pointer)]) == 0
+    first = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
     served = json.loads(pointer.read_text())
-    weights = (tmp_path / "v" / "models" / served["version"] / "model.safetensors").read_bytes()
+    weights = (tmp_path / "r" / "models" / served["version"] / "model.safetensors").read_bytes()
+    capsys.readouterr()
     assert train.main([*args, "--epochs", "2"]) == 0  # resumes, exports again, publishes nothing
+    out = capsys.readouterr().out
+    assert "resuming run" in out and "after epoch 1" in out
+    second = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][:1] == first  # epoch 1 was not re-run
+    assert second["history"][1]["elapsed_s"] > first[0]["elapsed_s"]
     assert json.loads(pointer.read_text()) == served
-    assert (tmp_path / "v" / "models" / served["version"] / "model.safetensors").read_bytes() == weights
-    versions = [v.version for v in list_model_versions(str(tmp_path / "v" / "models"))]
+    assert (tmp_path / "r" / "models" / served["version"] / "model.safetensors").read_bytes() == weights
+    versions = [v.version for v in list_model_versions(str(tmp_path / "r" / "models"))]
     assert len(versions) == 2 and served["version"] in versions
     assert load_model(str(pointer))[1].version == served["version"]
-
-
-def test_resume_continues_from_saved_epoch(ray_session, faces3, tmp_path, capsys):
-    args = fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1")
-    assert train.main([*args, "--epochs", "2"]) == 0
-    first = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
-    capsys.readouterr()
-    assert train.main([*args, "--epochs", "3"]) == 0  # same command, more epochs: an interrupted run
-    out = capsys.readouterr().out
-    assert "resuming run" in out and "after epoch 2" in out
-    second = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
-    assert second["history"][:2] == first  # epochs 1-2 were not re-run
-    assert second["history"][2]["elapsed_s"] > first[1]["elapsed_s"]
     # a different model under the same name is refused instead of mixing checkpoints
     assert train.main([*fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1"), "--model", "emonet"]) == 2
 
