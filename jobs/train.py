@@ -14,8 +14,9 @@ Running the same command again with the same --name resumes from the latest chec
 --time-budget MINUTES thinks in time, not epochs: the first epoch (train + validation) is timed,
 the number of epochs is set to what fits in the budget (--epochs is then only a cap), and the
 warm-up + cosine LR schedule is set to end there; while the cosine is in its first half the
-number is corrected from the steady time of the later epochs (the first is the slowest). The budget is the wall-clock time of the
-training loop; Ray start-up, data decoding, the final evaluation and the export are not in it.
+number is corrected from the steady time of the later epochs (the first is the slowest). The
+budget is the wall-clock time of the training loop; Ray start-up, data decoding, the final
+evaluation and the export are not in it.
 The decision is printed, stored in the run's progress (a resumed run keeps it) and in
 metrics.json ("time_budget"). Early stopping is off for a budgeted run unless --patience is given:
 the cosine schedule is meant to run to its end.

@@ -130,9 +130,12 @@ def test_time_budget_with_every_recipe_option_on_a_class_subset(ray_session, fac
     m = json.loads((tmp_path / "budget" / "metrics.json").read_text())
     b = m["time_budget"]
     assert b["budget_s"] == 12.0 and b["cap"] == 40 and b["epoch_s"] > 0
-    assert b["epochs"] == max(1, min(40, int(12.0 // b["epoch_s"])))
-    assert f"time budget 0.2 min: first epoch took {b['epoch_s']:.1f} s (train + validation) -> {b['epochs']} epochs" \
-        in out
+    first = max(1, min(40, int(12.0 // b["epoch_s"])))
+    assert f"time budget 0.2 min: first epoch took {b['epoch_s']:.1f} s (train + validation) -> {first} epochs" in out
+    for r in b.get("replans", []):  # corrected from the steady epoch time, in the cosine's first half only
+        assert r["after_epoch"] >= 2 and r["steady_epoch_s"] > 0 and r["epochs"] > r["after_epoch"]
+        assert f" s after epoch {r['after_epoch']} (" in out and f"-> {r['epochs']} epochs instead of" in out
+    assert b["epochs"] == (b["replans"][-1]["epochs"] if b.get("replans") else first)
     assert m["epochs_completed"] == m["epochs_planned"] == b["epochs"] and not m["stopped_early"]
     assert m["config"]["patience"] == 0  # no early stopping in a budgeted run by default
     assert m["loop_time_s"] <= b["budget_s"] + b["epoch_s"]  # one epoch of slack
@@ -257,5 +260,5 @@ def test_cli_help_and_exit_code(tmp_path):
     assert bad.returncode == 2
     assert (
         bad.stderr.strip()
-        == "jobs.train: error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet"
+        == "jobs.train: error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet, emonet_lite"
     )
