@@ -24,6 +24,8 @@ import os
 import tempfile
 import time
 
+from bench._common import BENCH_ENV
+
 RECIPE = ["--ema", "0.999", "--random-erasing", "0.25", "--tta", "flip"]
 VARIANTS: dict[str, list[str]] = {
     "recipe": RECIPE,
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--out", default="bench/results/recipe_ablation.json")
     args = p.parse_args(argv)
-    for k, v in {"RAY_ACCEPT_CPU_ONLY": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}.items():
+    for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
     from jobs import train
 

@@ -336,7 +336,5 @@ def emonet_lite(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kw
     as a deeper one but runs slower. One conv each keeps nearly all parameters (they sit in the
     12- and 6-pixel stages) and nearly doubles fp32 training throughput (169 -> 318 images/s,
     batch 128, 2 threads, channels_last; see the README's issue #13 section)."""
-    from emotion_core.emonet import EmoNet
-
     kwargs.setdefault("depths", (1, 1, 2, 2))
-    return EmoNet(num_classes, in_chans=in_chans, **kwargs)
+    return emonet(num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
