@@ -74,18 +74,23 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"[ablation] {name}: acc {test['accuracy']:.4f} macro-F1 {test['macro_f1']:.4f} "
               f"epochs {report['epochs_completed']}", flush=True)
+        write_table(rows, args.model, args.minutes, args.data, args.out)
+    return 0
+
+
+def write_table(rows: list[dict], model: str, minutes: float, data: str, out: str) -> None:
+    """Print the table so far and rewrite --out: a stopped ablation keeps the variants it finished."""
     base = next((r for r in rows if r["variant"] == "recipe"), rows[0])
-    print(f"\nmodel {args.model}, --time-budget {args.minutes} min, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"\nmodel {model}, --time-budget {minutes} min, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| variant | options | val acc (TTA flip) | without TTA | macro-F1 | disgust recall | epochs | Δ acc |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | `{r['options']}` | {r['accuracy']:.1%} | {r['accuracy_without_tta']:.1%} | "
               f"{r['macro_f1']:.3f} | {r['disgust_recall'] or 0:.2f} | {r['epochs']} | "
-              f"{(r['accuracy'] - base['accuracy']) * 100:+.1f} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"model": args.model, "minutes": args.minutes, "data": args.data, "rows": rows}, f, indent=1)
-    return 0
+              f"{(r['accuracy'] - base['accuracy']) * 100:+.1f} |", flush=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"model": model, "minutes": minutes, "data": data, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_ENV = {"RAY_ACCEPT_CPU_ONLY": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "1"}
+from bench._common import BENCH_ENV
 
 
 def kaggle_root(data: str) -> str:

@@ -16,7 +16,9 @@ import pytest
 from bench.faces_bench import iou
 from emotion_core.storage import filesystem
 from jobs import label
-from tests.helpers import DATES, real_labels
+from tests.helpers import DATES, REAL_LABELS_GROUP, real_labels
+
+pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
 
 DAY = DATES[-1]
 

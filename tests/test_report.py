@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from jobs import report
-from tests.helpers import DATES, real_labels, write_fake_labels
+from tests.helpers import DATES, REAL_LABELS_GROUP, real_labels, write_fake_labels
+
+pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
 
 
 @pytest.fixture(scope="module")
