@@ -32,6 +32,7 @@ VARIANTS: dict[str, list[str]] = {
     "recipe_seed1": [*RECIPE, "--seed", "1"],
     "no_ema": ["--random-erasing", "0.25", "--tta", "flip"],
     "no_random_erasing": ["--ema", "0.999", "--tta", "flip"],
+    "neither": ["--tta", "flip"],  # no EMA, no random erasing
     "class_weighting_sqrt": [*RECIPE, "--class-weighting", "sqrt"],
     "mixup_cutmix": [*RECIPE, "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.5"],
 }
