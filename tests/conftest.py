@@ -2,11 +2,6 @@
 local Ray instance for the whole session, plus small synthetic datasets.
 
 The S3 environment variables are set before Ray starts so Ray's worker processes inherit them.
-
-`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`): each worker is its
-own session (its own S3 server and Ray), and every test module stays whole on one worker (its
-module fixtures are built once); modules that share a costly session fixture name one
-`xdist_group` (tests.helpers.REAL_LABELS) so that fixture is built once too.
 """
 
 from __future__ import annotations
@@ -22,13 +17,6 @@ os.environ.setdefault("RAY_ACCEPT_CPU_ONLY", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Group each test by its module unless the module names an xdist_group itself."""
-    for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def _free_port() -> int:

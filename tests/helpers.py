@@ -152,7 +152,6 @@ def write_fake_labels(fs_root: str, classes=("happy", "sad", "surprise")) -> int
 
 
 _CACHE: dict[str, dict] = {}
-REAL_LABELS_GROUP = "real_labels"  # the pytest-xdist group of the modules that use real_labels (tests/conftest.py)
 
 
 def write_scene_photos(root: Path) -> dict[str, list]:

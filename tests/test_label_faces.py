@@ -16,9 +16,7 @@ import pytest
 from bench.faces_bench import iou
 from emotion_core.storage import filesystem
 from jobs import label
-from tests.helpers import DATES, REAL_LABELS_GROUP, real_labels
-
-pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
+from tests.helpers import DATES, real_labels
 
 DAY = DATES[-1]
 

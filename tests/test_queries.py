@@ -16,9 +16,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from emotion_core.storage import filesystem
-from tests.helpers import DATES, REAL_LABELS_GROUP, real_labels, save_untrained_model
-
-pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
+from tests.helpers import DATES, real_labels, save_untrained_model
 
 DOC = Path(__file__).resolve().parents[1] / "cluster" / "QUERIES.md"
 PLACEHOLDER_URI = "s3://my-emotion-bucket/emotion-labels"

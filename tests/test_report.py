@@ -10,9 +10,7 @@ import sys
 import pytest
 
 from jobs import report
-from tests.helpers import DATES, REAL_LABELS_GROUP, real_labels, write_fake_labels
-
-pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
+from tests.helpers import DATES, real_labels, write_fake_labels
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import REAL_LABELS_GROUP, real_labels
+from tests.helpers import real_labels
 from tests.test_queries import DAY, PLACEHOLDER_DATE, expected_counts, snippets
-
-pytestmark = pytest.mark.xdist_group(REAL_LABELS_GROUP)
 
 if os.environ.get("EMOTION_SPARK_TESTS") != "1":
     pytest.skip("Spark runs in its own process: make test-spark", allow_module_level=True)
