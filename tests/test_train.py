@@ -148,6 +148,7 @@ def test_time_budget_with_every_recipe_option_on_a_class_subset(ray_session, fac
     tc = manifest.training_config
     assert (tc["ema"], tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["tta"], tc["time_budget_min"]) == \
         (0.9, 0.2, 1.0, 0.25, "flip", 0.2)
+    assert tc["class_weighting"] == "sqrt" and tc["class_weights"] == pytest.approx([1.0, 1.0])  # default, balanced
     latest = _train_state.latest_run_state(str(tmp_path / "budget"))  # what a resumed run restores
     assert latest["progress"]["budget"] == b  # resuming keeps it (tests/test_train_units.py)
 
