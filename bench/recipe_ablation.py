@@ -6,9 +6,10 @@
 
 Every variant is `jobs.train` (`train.run`, in this process, one Ray) on the same seeded
 validation split with the same --time-budget; each variant differs from `recipe` in exactly one
-option (see VARIANTS). `recipe_seed1` repeats `recipe` with another --seed (which also draws
-another validation split, of the same size and class balance): the run-to-run spread a
-difference must beat.
+option (see VARIANTS), except `sqrt_only`: jobs.train's defaults (no EMA, no random erasing, sqrt
+class weighting) with TTA flip, the recipe the ablation led to. `recipe_seed1` repeats `recipe`
+with another --seed (which also draws another validation split, of the same size and class
+balance): the run-to-run spread a difference must beat.
 Accuracy with and without TTA comes from the same run (metrics.json's `without_tta`).
 
 A short budget ranks options for a short budget: regularisers (erasing, mixup/cutmix) tend to
