@@ -28,12 +28,13 @@ import time
 from bench._common import BENCH_ENV
 
 # --class-weighting none: the recipe as first measured (sqrt became jobs.train's default after it).
-RECIPE = ["--ema", "0.999", "--random-erasing", "0.25", "--tta", "flip", "--class-weighting", "none"]
+COMMON = ["--tta", "flip", "--class-weighting", "none"]
+RECIPE = ["--ema", "0.999", "--random-erasing", "0.25", *COMMON]
 VARIANTS: dict[str, list[str]] = {
     "recipe": RECIPE,
     "recipe_seed1": [*RECIPE, "--seed", "1"],
-    "no_ema": ["--random-erasing", "0.25", "--tta", "flip", "--class-weighting", "none"],
-    "no_random_erasing": ["--ema", "0.999", "--tta", "flip", "--class-weighting", "none"],
+    "no_ema": ["--random-erasing", "0.25", *COMMON],
+    "no_random_erasing": ["--ema", "0.999", *COMMON],
     "sqrt_only": ["--tta", "flip", "--class-weighting", "sqrt"],  # jobs.train's defaults + TTA
     "class_weighting_sqrt": [*RECIPE, "--class-weighting", "sqrt"],
     "mixup_cutmix": [*RECIPE, "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.5"],
