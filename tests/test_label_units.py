@@ -88,16 +88,18 @@ def _commit(out, date, table, run_id, rows_per_file=2):
     return _label_commit.commit(out, date, run_id, _stage(out, run_id, table, rows_per_file), table.num_rows)
 
 
-def _plan(out, stage, listing, date="2024-05-03", version="v1"):
+def _plan(out, stage, listing, date="2024-05-03", version="v1", engine="auto"):
     return _label_plan.make_plan([listing], 7, stage, output=out, date=date, classes=CLASSES, model_version=version,
-                                 incremental=True, input_format="auto", unit_rows=3)
+                                 incremental=True, input_format="auto", unit_rows=3, engine=engine)
 
 
 def _uris(files) -> list[str]:
     return sorted(u for f in files for u in pq.read_table(f["uri"])["image_uri"].to_pylist())
 
 
-def test_plan_incremental_semantics(ray_session, tmp_path):
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_plan_incremental_semantics(ray_session, tmp_path, engine):
+    """The same plan from Ray Data's joins and from the driver-local path small runs take."""
     out, stage = str(tmp_path / "out"), str(tmp_path / "out" / "_staging" / "p")
     # day 1, then day 2: each a full snapshot. On day 2, b was relabelled by model v2, c changed
     # (etag 2), e is a broken image (decode error: data), f could not be read (transient).
@@ -114,7 +116,7 @@ def test_plan_incremental_semantics(ray_session, tmp_path):
     _commit(out, "2024-05-02", day2, "d2")
     listing = _listing_shard(tmp_path / "listing.parquet",
                              [(f"{c}.jpg", e) for c, e in zip("abcdefg", "1129111")] + [("s.tar", "1")])
-    plan = _plan(out, stage, listing)
+    plan = _plan(out, stage, listing, engine=engine)
     assert plan.previous == "2024-05-02"  # the latest partition only: it is a full snapshot
     # a: unchanged -> carried; b: labelled by v2 -> redo; c: same etag as day 2 -> carried; d: etag
     # changed -> redo; e: broken image, unchanged -> carried; f: read error -> redo; g: new -> do
