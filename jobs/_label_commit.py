@@ -47,6 +47,8 @@ STAGING = "_staging"
 RUNS = "_runs"
 INTENT = "_COMMIT.json"
 SUCCESS = "_SUCCESS"
+COUNT_COLUMNS = ["label", "error", "face_index", "faces_in_image"]
+LOCAL_COUNT_FILES = 64  # staged files up to which count_staged runs in the driver
 ABANDONED_AFTER_S = 24 * 3600  # uncommitted staging older than this is a crashed run's litter
 
 
@@ -272,16 +274,22 @@ def _quarantine(output: str, run_id: str, intent: dict, reason: str, log) -> Non
 def count_staged(files: list[str]) -> dict:
     """Rows, images, faces, images without faces, labels and error reasons of staged files,
     counted by Ray tasks; the driver merges one small row per block. Each image has exactly one
-    row whose ``face_index`` is 0 or null, so images are counted without a distinct."""
+    row whose ``face_index`` is 0 or null, so images are counted without a distinct. Up to
+    ``LOCAL_COUNT_FILES`` files the driver counts them itself, one file at a time per thread: the
+    same counts without a Ray Data execution's start-up (seconds, paid twice per run)."""
     import ray
 
     empty = {"rows": 0, "images": 0, "faces": 0, "no_face": 0, "labels": {}, "errors": {}, "error_rows": 0}
     if not files:
         return empty
-    fs = storage.filesystem(files[0])[0]
-    paths = [storage.filesystem(f)[1] for f in files]
-    parts = ray.data.read_parquet(paths, filesystem=fs, columns=["label", "error", "face_index", "faces_in_image"]) \
-        .map_batches(_count_block, batch_format="pyarrow").take_all()
+    if len(files) <= LOCAL_COUNT_FILES:
+        with ThreadPoolExecutor(16) as pool:
+            parts = list(pool.map(lambda f: _count_block(_read_count_columns(f)).to_pylist()[0], files))
+    else:
+        fs = storage.filesystem(files[0])[0]
+        paths = [storage.filesystem(f)[1] for f in files]
+        parts = ray.data.read_parquet(paths, filesystem=fs, columns=COUNT_COLUMNS) \
+            .map_batches(_count_block, batch_format="pyarrow").take_all()
     out = {**empty, "labels": {}, "errors": {}}
     for p in parts:
         for k in ("rows", "images", "faces", "no_face"):
@@ -292,6 +300,11 @@ def count_staged(files: list[str]) -> dict:
     out["labels"], out["errors"] = dict(sorted(out["labels"].items())), dict(sorted(out["errors"].items()))
     out["error_rows"] = sum(out["errors"].values())
     return out
+
+
+def _read_count_columns(uri: str) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=COUNT_COLUMNS)
 
 
 def _count_block(batch: pa.Table) -> pa.Table:

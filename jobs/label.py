@@ -234,6 +234,14 @@ def actor_pool(args, resources: dict) -> tuple[ActorPoolStrategy, int]:
     return ActorPoolStrategy(size=n), n
 
 
+def fit_pool(compute: ActorPoolStrategy, units: int) -> ActorPoolStrategy:
+    """No more actors than work units: each actor loads the model, and one with no unit to take is
+    start-up paid for nothing (4 actors for a 1-image run)."""
+    if compute.max_size <= units:
+        return compute
+    return ActorPoolStrategy(min_size=min(compute.min_size, units), max_size=units)
+
+
 def list_inputs(args, stage: str) -> _listing.ListingResult:
     """The listing, written as Parquet shards by Ray tasks (jobs/_listing.py)."""
     out = storage.join(stage, "listing")
@@ -289,6 +297,7 @@ def label_units(plan, args, compute, model_uri: str, manifest, run_id: str, stag
         "tta": resolved_tta(args.tta, manifest),
     }
     units = ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
+    compute = fit_pool(compute, len(todo))
     try:
         with warnings.catch_warnings():  # Ray 2.60 takes max_restarts/max_task_retries only as ray_remote_args
             warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")

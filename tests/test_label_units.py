@@ -371,3 +371,30 @@ def test_tta_auto_resolves_to_what_the_model_was_evaluated_with():
     assert label.resolved_tta("auto", SimpleNamespace(training_config={"tta": "flip"})) == "flip"
     assert label.resolved_tta("auto", SimpleNamespace(training_config=None)) == "none"  # models from before --tta
     assert label.resolved_tta("none", SimpleNamespace(training_config={"tta": "flip"})) == "none"
+
+
+def test_count_staged_in_the_driver_equals_the_ray_count(ray_session, tmp_path, monkeypatch):
+    """Small runs count their staged rows in the driver; the Ray Data count gives the same."""
+    table = pa.concat_tables([
+        _rows(["a.jpg", "b.jpg", "c.jpg"], ["1", "1", "1"]),
+        _rows(["e.jpg", "f.jpg"], ["1", "1"], errors=["truncated: x", "read_failed: SlowDown"]),
+        _rows(["g.jpg", "g.jpg"], ["1", "1"], face_index=[0, 1], faces_in_image=[2, 2],
+              face_detector=["yunet", "yunet"]),
+    ])
+    files = _stage(str(tmp_path / "out"), "r", table, rows_per_file=2)
+    local = _label_commit.count_staged(files)
+    assert (local["rows"], local["images"], local["faces"], local["error_rows"]) == (7, 6, 2, 2)
+    assert local["errors"] == {"read_failed": 1, "truncated": 1}
+    monkeypatch.setattr(_label_commit, "LOCAL_COUNT_FILES", 0)
+    assert _label_commit.count_staged(files) == local
+
+
+def test_actor_pool_is_no_larger_than_the_work():
+    from ray.data import ActorPoolStrategy
+
+    one = label.fit_pool(ActorPoolStrategy(size=4), 1)  # a 1-unit run starts one actor, not one per CPU
+    assert (one.min_size, one.max_size) == (1, 1)
+    scaling = label.fit_pool(ActorPoolStrategy(min_size=2, max_size=8), 3)
+    assert (scaling.min_size, scaling.max_size) == (2, 3)
+    enough = ActorPoolStrategy(size=2)
+    assert label.fit_pool(enough, 10) is enough
