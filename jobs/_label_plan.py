@@ -1,7 +1,8 @@
 """Planning a labelling run, as distributed data: what to label, and what to carry forward.
 
 Inputs are the listing shards (Parquet, written by :mod:`jobs._listing`); outputs are Parquet
-files in the run's staging area, written by Ray tasks, never gathered on the driver:
+files in the run's staging area, written by Ray tasks, never gathered on the driver (except for
+small runs, below):
 
 * ``todo/todo-<hash>.parquet``: *work units* of at most ``unit_rows`` listing rows (plus a
   ``format`` column: ``images``, ``webdataset`` or ``parquet``), one actor call each;
@@ -9,7 +10,8 @@ files in the run's staging area, written by Ray tasks, never gathered on the dri
   already in the label schema, committed as they are.
 
 File names are a hash of their content (first and last key, row count), so a retried task
-rewrites its own file. The driver keeps only ``(file, rows)`` pairs: O(files), not O(objects).
+rewrites its own file. The driver keeps only ``(file, rows)`` pairs: O(files), not O(objects),
+above ``LOCAL_PLAN_ROWS``.
 
 Incremental semantics (README, "Incremental runs"). Every partition is a full snapshot, so the
 previous state is the latest partition on or before ``--date`` only. The unit of change is the
@@ -26,9 +28,9 @@ sides are matched with Ray Data hash joins on ``(object, etag)``: ``left_anti`` 
 units, ``left_semi`` the carried rows. Objects no longer listed drop out of the new snapshot.
 
 Small runs are planned in the driver. A Ray Data execution has a fixed start-up (tasks, and for
-each hash join its shuffle actors): an incremental plan of 14 objects took 15-17 s with three joins
-against about 0.1 s for the same work in one process. When the listing plus the previous
-partition's rows (from its ``_SUCCESS``) are at most ``LOCAL_PLAN_ROWS``, :func:`make_plan` runs
+each hash join its shuffle actors): on 2 cores the three-join plan of 7 objects took 59-72 s, the
+same work in one process 0.05 s (2026-12-06). When the listing plus the previous partition's rows
+(from its ``_SUCCESS``) are at most ``LOCAL_PLAN_ROWS``, :func:`make_plan` runs
 the same batch functions and pyarrow's hash joins (the ones Ray Data's join calls per partition)
 on the driver: memory bounded by the threshold (a few hundred bytes a row, tens of MB), the same
 files, named the same way. Larger runs, and previous partitions without a ``_SUCCESS`` (size
@@ -52,7 +54,7 @@ import ray
 from emotion_core import shards, storage
 from emotion_core.schema import label_schema
 
-from ._label_commit import SUCCESS, latest_partition, partition_uri, previous_rows
+from ._label_commit import SUCCESS, latest_partition, partition_uri
 from ._label_infer import write_parquet_atomic
 
 PLAN_FILE = "plan.json"
@@ -110,10 +112,10 @@ def make_plan(listing_shards: list[str], listed: int, stage: str, *, output: str
     if listed == 0:
         return plan
     previous = previous_partition(output, date) if incremental else None
+    prev_rows = 0
     if previous is not None:
-        plan.previous, files = previous
-    prev_rows = previous_rows(output, date) if previous else 0
-    small = listed + prev_rows <= LOCAL_PLAN_ROWS and (previous is None or prev_rows > 0)
+        plan.previous, files, prev_rows = previous
+    small = prev_rows is not None and listed + prev_rows <= LOCAL_PLAN_ROWS
     if engine == "local" or (engine == "auto" and small):
         plan_local(plan, listing_shards, stage, files if previous else None, output, classes, model_version,
                    input_format, unit_rows, faces)
@@ -144,14 +146,14 @@ def plan_local(plan: Plan, listing_shards: list[str], stage: str, previous_files
                classes: list[str], model_version: str, input_format: str, unit_rows: int, faces: FaceRule) -> None:
     """:func:`make_plan`'s distributed steps in this process, for small runs (module doc): the same
     batch functions, pyarrow's hash joins, the same files."""
-    listed = read_tables([storage.filesystem(u)[1] for u in listing_shards], storage.filesystem(stage)[0])
-    listing = add_format(listed, input_format)
+    everything = read_tables([storage.filesystem(u)[1] for u in listing_shards], storage.filesystem(stage)[0])
+    listing = add_format(everything, input_format)
     if previous_files is not None:
         prev = mark_carryable(read_tables(previous_files, storage.filesystem(output)[0]), classes, model_version, faces)
         prev = prev.join(_failing_keys(prev), ["object_uri", "etag"], join_type="left anti").drop_columns(["carry"])
         keys = prev.select(["object_uri", "etag"])
         listing = listing.join(keys, ["image_uri", "etag"], ["object_uri", "etag"], join_type="left anti")
-        carried = prev.join(listed.select(["image_uri", "etag"]), ["object_uri", "etag"], ["image_uri", "etag"],
+        carried = prev.join(everything.select(["image_uri", "etag"]), ["object_uri", "etag"], ["image_uri", "etag"],
                             join_type="left semi").drop_columns(["object_uri"])
         plan.carried = write_chunks(carried, storage.join(stage, "carry"), "carry", unit_rows * 4,
                                     label_schema(classes))
@@ -262,18 +264,21 @@ def _write_file(batch: pa.Table, directory: str, prefix: str, schema: pa.Schema 
     return pa.table({"uri": [uri], "rows": pa.array([batch.num_rows], pa.int64())})
 
 
-def previous_partition(output: str, date: str) -> tuple[str, list[str]] | None:
-    """The latest committed ``dt=`` partition on or before ``date`` and its files (from its
-    ``_SUCCESS``; every file of the directory for partitions written without one)."""
+def previous_partition(output: str, date: str) -> tuple[str, list[str], int | None] | None:
+    """The latest committed ``dt=`` partition on or before ``date``, its files and its rows (from
+    its ``_SUCCESS``; for partitions written without one, every file of the directory and rows
+    None: not known without reading every footer)."""
     day = latest_partition(output, date)
     if day is None:
         return None
     part = partition_uri(output, day)
     success = storage.join(part, SUCCESS)
+    rows = None
     if storage.exists(success):
-        names = json.loads(storage.read_bytes(success))["files"]
+        record = json.loads(storage.read_bytes(success))
+        names, rows = record["files"], record.get("rows")
     else:
         pfs, ppath = storage.filesystem(part)
         names = [i.base_name for i in pfs.get_file_info(pafs.FileSelector(ppath)) if i.base_name.endswith(".parquet")]
     files = [storage.filesystem(storage.join(part, n))[1] for n in sorted(names)]
-    return (day, files) if files else None
+    return (day, files, rows) if files else None
