@@ -341,11 +341,17 @@ def latest_partition(output: str, date: str) -> str | None:
     return days[-1] if days else None
 
 
+def read_success(output: str, day: str) -> dict | None:
+    """A partition's ``_SUCCESS`` record (run_id, rows, files), or None when it has none."""
+    uri = storage.join(partition_uri(output, day), SUCCESS)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
 def previous_rows(output: str, date: str) -> int:
     """Rows of the latest committed partition on or before ``date`` (0 when there is none)."""
     day = latest_partition(output, date)
-    success = storage.join(partition_uri(output, day), SUCCESS) if day else None
-    return int(json.loads(storage.read_bytes(success)).get("rows", 0)) if success and storage.exists(success) else 0
+    record = read_success(output, day) if day else None
+    return int(record.get("rows", 0)) if record else 0
 
 
 def write_run_summary(output: str, run_id: str, summary: dict) -> str:

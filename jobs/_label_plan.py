@@ -54,7 +54,7 @@ import ray
 from emotion_core import shards, storage
 from emotion_core.schema import label_schema
 
-from ._label_commit import SUCCESS, latest_partition, partition_uri
+from ._label_commit import latest_partition, partition_uri, read_success
 from ._label_infer import write_parquet_atomic
 
 PLAN_FILE = "plan.json"
@@ -272,10 +272,8 @@ def previous_partition(output: str, date: str) -> tuple[str, list[str], int | No
     if day is None:
         return None
     part = partition_uri(output, day)
-    success = storage.join(part, SUCCESS)
     rows = None
-    if storage.exists(success):
-        record = json.loads(storage.read_bytes(success))
+    if (record := read_success(output, day)) is not None:
         names, rows = record["files"], record.get("rows")
     else:
         pfs, ppath = storage.filesystem(part)
