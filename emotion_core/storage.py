@@ -272,6 +272,21 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise StorageError(f"{uri}: cannot write ({short_error(e)})") from e
 
 
+def write_parquet_atomic(table: pa.Table, uri: str) -> None:
+    """Write one Parquet file so that readers see all of it or nothing: a temp file renamed into
+    place locally; on S3 a single PUT (or a completed multipart upload) is already atomic."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    if parse(uri).is_s3:
+        pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=128 * 1024)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp, compression="snappy", row_group_size=128 * 1024)
+    os.replace(tmp, path)
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if not parse(uri).is_s3:

@@ -20,9 +20,7 @@ bounded: ``chunk_rows`` images (or one shard, read whole, at most ``max_shard_by
 from __future__ import annotations
 
 import io
-import os
 import time
-import uuid
 import warnings
 
 import numpy as np
@@ -148,7 +146,7 @@ class Labeller:
         name = unit_uri.rsplit("/", 1)[-1]
         table = table.replace_schema_metadata(unit_metadata(name, listing, table))
         out = storage.join(self.out_dir, name)
-        write_parquet_atomic(table, out)
+        storage.write_parquet_atomic(table, out)
         return out, table.num_rows
 
     # -- reading -------------------------------------------------------------------------------
@@ -321,20 +319,6 @@ def image_rows(meta: dict, listed_mtime: pa.ChunkedArray | None = None) -> pa.Ta
     })
 
 
-def write_parquet_atomic(table: pa.Table, uri: str) -> None:
-    """Write one Parquet file so that readers see all of it or nothing: a temp file renamed into
-    place locally; on S3 a single PUT (or a completed multipart upload) is already atomic."""
-    loc = storage.parse(uri)
-    fs, path = storage.filesystem(uri)
-    if loc.is_s3:
-        pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=128 * 1024)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, compression="snappy", row_group_size=128 * 1024)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Poison objects: isolate what kills its worker every time
 
@@ -367,13 +351,13 @@ def label_isolated(units: list[str], labeller: dict, classes: list[str], log) ->
         if listing.num_rows == 1:
             log(f"[label] {listing['image_uri'][0]} kills its worker every time: written as an error row")
             out = storage.join(labeller["out_dir"], piece.rsplit("/", 1)[-1])
-            write_parquet_atomic(crash_rows(listing, crash, classes, labeller["run_constants"]), out)
+            storage.write_parquet_atomic(crash_rows(listing, crash, classes, labeller["run_constants"]), out)
             pieces[unit].append(out)
             continue
         half = listing.num_rows // 2
         for i, part in enumerate((listing.slice(0, half), listing.slice(half))):
             sub = piece.removesuffix(".parquet") + f"~{i}.parquet"
-            write_parquet_atomic(part, sub)
+            storage.write_parquet_atomic(part, sub)
             pending[task.remote(sub, labeller)] = (unit, sub)
     for unit in isolated:
         _merge_pieces(unit, pieces[unit], labeller["out_dir"])
@@ -407,7 +391,7 @@ def _merge_pieces(unit: str, outs: list[str], out_dir: str) -> None:
     name = unit.rsplit("/", 1)[-1]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).sort_by(ROW_ORDER)
     table = table.replace_schema_metadata(unit_metadata(name, listing, table))
-    write_parquet_atomic(table, storage.join(out_dir, name))
+    storage.write_parquet_atomic(table, storage.join(out_dir, name))
     for o in outs:
         if o.rsplit("/", 1)[-1] != name:
             storage.delete_dir(o)

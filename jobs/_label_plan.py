@@ -55,7 +55,6 @@ from emotion_core import shards, storage
 from emotion_core.schema import label_schema
 
 from ._label_commit import latest_partition, partition_uri, read_success
-from ._label_infer import write_parquet_atomic
 
 PLAN_FILE = "plan.json"
 FORMATS = shards.FORMATS
@@ -260,7 +259,7 @@ def _write_file(batch: pa.Table, directory: str, prefix: str, schema: pa.Schema 
     keys = batch["image_uri"]
     digest = hashlib.sha1(f"{keys[0]}\x00{keys[-1]}\x00{batch.num_rows}".encode()).hexdigest()[:20]
     uri = storage.join(directory, f"{prefix}-{digest}.parquet")
-    write_parquet_atomic(batch, uri)
+    storage.write_parquet_atomic(batch, uri)
     return pa.table({"uri": [uri], "rows": pa.array([batch.num_rows], pa.int64())})
 
 

@@ -17,6 +17,10 @@ os.environ.setdefault("RAY_ACCEPT_CPU_ONLY", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Data starts this many Parquet footer-reader actors per read_parquet (Ray's default is 32,
+# one process each: on 2 cores that start-up dominated every test that plans or counts with Ray
+# Data). jobs._cli.init_ray does the same for the local Ray it starts.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 
 def _free_port() -> int:

@@ -54,20 +54,25 @@ def test_proxy_forwards_boto3_and_pyarrow_with_delay(proxy, s3_bucket):
     assert client.list_objects_v2(Bucket=s3_bucket, Prefix="a/").get("KeyCount") == 0
 
 
-def test_proxy_serves_concurrent_requests_in_parallel(proxy, s3_bucket, s3_server):
+def test_proxy_serves_concurrent_requests_in_parallel(s3_bucket, s3_server):
+    """A long delay (200 ms) so that the test tells parallel from serial by a wide margin even on a
+    loaded machine: serial would take 64 x 0.2 = 12.8 s, parallel on 32 threads about 0.4 s plus the
+    proxy's and moto's own work (0.3-0.7 s measured under load); the limit is a quarter of serial."""
+    delay_ms = 200
     C.boto_client(s3_server).put_object(Bucket=s3_bucket, Key="k", Body=b"x" * 1500)
-    client = C.boto_client(proxy.endpoint, pool=32)
+    with LatencyProxy(s3_server, delay_ms=delay_ms) as proxy:
+        client = C.boto_client(proxy.endpoint, pool=32)
 
-    def get(_):
-        return len(client.get_object(Bucket=s3_bucket, Key="k")["Body"].read())
+        def get(_):
+            return len(client.get_object(Bucket=s3_bucket, Key="k")["Body"].read())
 
-    with ThreadPoolExecutor(32) as ex:
-        list(ex.map(get, range(32)))  # open the connections
-        t0 = time.perf_counter()
-        sizes = list(ex.map(get, range(64)))
-        seconds = time.perf_counter() - t0
+        with ThreadPoolExecutor(32) as ex:
+            list(ex.map(get, range(32)))  # open the connections
+            t0 = time.perf_counter()
+            sizes = list(ex.map(get, range(64)))
+            seconds = time.perf_counter() - t0
     assert sizes == [1500] * 64
-    assert seconds < 64 * DELAY_MS / 1000 / 4, f"64 GETs on 32 threads took {seconds:.2f} s: not parallel"
+    assert seconds < 64 * delay_ms / 1000 / 4, f"64 GETs on 32 threads took {seconds:.2f} s: not parallel"
 
 
 def test_naive_loop_writes_the_job_schema(tmp_path):
