@@ -8,7 +8,9 @@ mean, exactly as in training augmentation:
 - ``flip``: the image and its horizontal mirror (2 passes); faces are left-right symmetric
   enough that the mirror is a second, nearly independent look;
 - ``flip+shift``: those two plus the image shifted by ``size // 24`` pixels down-right and the
-  mirror shifted up-left (4 passes; 2 px at 48x48, like the training shift).
+  mirror shifted up-left (4 passes; 2 px at 48x48, like the training shift);
+- ``flip+shift4``: the image and its mirror, each at the centre and shifted by ``size // 24``
+  pixels in the four diagonal directions (10 passes; the ten-crop of the FER literature, as shifts).
 
 Each view is a separate forward call (memory stays at one batch; a traced model sees the batch
 size it was traced for), and the probabilities are the mean of the views' softmax.
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-TTA_MODES = ("none", "flip", "flip+shift")
+TTA_MODES = ("none", "flip", "flip+shift", "flip+shift4")
 
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -40,11 +42,13 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     if mode not in TTA_MODES:
         raise ValueError(f"unknown TTA mode {mode!r}: use one of {', '.join(TTA_MODES)}")
     views = [x]
-    if mode in ("flip", "flip+shift"):
+    if mode != "none":
         views.append(x.flip(-1))
+    s = max(1, x.shape[-1] // 24)
     if mode == "flip+shift":
-        s = max(1, x.shape[-1] // 24)
         views += [shift(x, s, s), shift(x.flip(-1), -s, -s)]
+    if mode == "flip+shift4":
+        views += [shift(v, dy, dx) for v in (x, views[1]) for dy, dx in ((s, s), (s, -s), (-s, s), (-s, -s))]
     return views
 
 

@@ -27,14 +27,17 @@ existed were whole-image labels: they read as face 0 of detector ``none``. Both
 sides are matched with Ray Data hash joins on ``(object, etag)``: ``left_anti`` gives the work
 units, ``left_semi`` the carried rows. Objects no longer listed drop out of the new snapshot.
 
-Small runs are planned in the driver. A Ray Data execution has a fixed start-up (tasks, and for
-each hash join its shuffle actors): on 2 cores the three-join plan of 7 objects took 59-72 s, the
-same work in one process 0.05 s (2026-12-06). When the listing plus the previous partition's rows
-(from its ``_SUCCESS``) are at most ``LOCAL_PLAN_ROWS``, :func:`make_plan` runs
-the same batch functions and pyarrow's hash joins (the ones Ray Data's join calls per partition)
-on the driver: memory bounded by the threshold (a few hundred bytes a row, tens of MB), the same
-files, named the same way. Larger runs, and previous partitions without a ``_SUCCESS`` (size
-unknown), take the distributed path; ``engine="ray"`` forces it (the tests check both agree).
+Small runs are planned in the driver. A Ray Data execution has a fixed start-up (worker
+processes for its tasks, in their own pools for the shuffle's map and reduce sides, and for every
+``read_parquet`` a pool of footer-reader actors, 32 by default): on 2 cores the three-join plan of
+7 objects took 59-72 s, the same work in one process 0.05 s (2026-12-06); with 2 footer readers
+(what :func:`jobs._cli.init_ray` sets for a local Ray) the Ray Data plan took 35-49 s (2026-12-07).
+When the listing plus the previous partition's rows (from its ``_SUCCESS``) are at most
+``LOCAL_PLAN_ROWS``, :func:`make_plan` runs the same batch functions and pyarrow's hash joins (the
+ones Ray Data's join calls per partition) on the driver: memory bounded by the threshold (a few
+hundred bytes a row, tens of MB), the same files, named the same way. Larger runs, and previous
+partitions without a ``_SUCCESS`` (size unknown), take the distributed path; ``engine="ray"``
+forces it (the tests check both agree).
 """
 
 from __future__ import annotations

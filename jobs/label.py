@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            "default detector, images at or below it are face crops (default %(default)s)")
     a("--tta", choices=["auto", *TTA_MODES], default="auto",
       help="test-time augmentation: average the model over views of each face (flip: 2 forward passes, "
-           "flip+shift: 4); auto = what the model was evaluated with in training (model.json), else none")
+           "flip+shift: 4, flip+shift4: 10); auto = what the model was evaluated with in training (model.json), "
+           "else none")
     a("--batch-size", type=int, default=None,
       help="images per forward pass (default 64 on CPU, where larger batches fall out of cache; 256 on GPU)")
     a("--block-rows", type=int, default=512, help="images fetched, decoded and labelled together (default 512)")

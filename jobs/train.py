@@ -144,7 +144,7 @@ def recipe_arguments(p: argparse.ArgumentParser) -> None:
            "exported instead of the raw weights (default %(default)s = off)")
     a("--tta", choices=TTA_MODES, default="none",
       help="test-time augmentation for the final evaluation: flip averages the image and its mirror, flip+shift "
-           "adds two shifted views; recorded in model.json (default %(default)s)")
+           "adds two shifted views, flip+shift4 eight (10 passes); recorded in model.json (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> dict:

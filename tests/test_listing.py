@@ -82,7 +82,8 @@ def test_s3_parallel_equals_sequential_with_odd_keys(ray_session, s3_bucket, tmp
     shard_names = []
     for target in (16, 100_000):  # one level discovered, then flat listings; every level discovered
         out = f"{root}/_staging/run-{target}/listing"
-        result = list_to_parquet([root + "/"], out, target_prefixes=target, prefixes_per_task=8, threads=8)
+        result = list_to_parquet([root + "/"], out, target_prefixes=target, prefixes_per_task=8, threads=8,
+                                 num_cpus=1)  # 4 tasks at a time: fewer worker processes to start
         assert _check_shards(result).equals(expected), target
         shard_names.append(result.shards)
     assert len(shard_names[1]) > len(shard_names[0]) > 1

@@ -32,6 +32,11 @@ def test_views_and_shift():
     assert len(tta_views(x, "none")) == 1 and len(tta_views(x, "flip")) == 2
     views = tta_views(x, "flip+shift")
     assert len(views) == 4 and all(v.shape == x.shape for v in views)
+    ten = tta_views(x, "flip+shift4")  # the image and its mirror at the centre and shifted 2 px 4 ways
+    assert len(ten) == 10 and torch.equal(ten[1], x.flip(-1))
+    assert torch.equal(ten[2], shift(x, 2, 2)) and torch.equal(ten[5], shift(x, -2, -2))
+    assert torch.equal(ten[9], shift(x.flip(-1), -2, -2))
+    assert len({tuple(v.flatten()[:200].tolist()) for v in ten}) == 10  # all different
     s = shift(x, 2, 2)
     assert torch.equal(s[..., 2:, 2:], x[..., :-2, :-2]) and (s[..., :2, :] == 0).all()
     assert torch.equal(shift(x, -1, 3)[..., :-1, 3:], x[..., 1:, :-3])
