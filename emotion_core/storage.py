@@ -56,6 +56,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from emotion_core.errors import short_error
 from emotion_core.preprocess import IMAGE_EXTENSIONS
@@ -275,8 +276,6 @@ def write_bytes(uri: str, data: bytes) -> None:
 def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     """Write one Parquet file so that readers see all of it or nothing: a temp file renamed into
     place locally; on S3 a single PUT (or a completed multipart upload) is already atomic."""
-    import pyarrow.parquet as pq
-
     fs, path = filesystem(uri)
     if parse(uri).is_s3:
         pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=128 * 1024)

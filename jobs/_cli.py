@@ -10,7 +10,7 @@
   cleaner polls it every second and logs a warning each time it is missing. It also sizes Ray
   Data's Parquet footer readers to the machine (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``, unless
   set): Ray 2.60 starts 32 actor processes for every ``read_parquet``, which on 2 cores cost
-  more than the read (the Ray Data plan of 7 objects: 90 s with 32, 49 s with 2).
+  more than the read (the Ray Data plan of 7 objects: 90 s with 32, 35-49 s with 2).
 - :func:`say` prints one progress/summary line, prefixed ``[<job>]``; :func:`format_table` is
   the one plain-text table formatter.
 """

@@ -77,7 +77,6 @@ def staged_rows(files: list[str], threads: int = 32) -> list[int]:
 
 def write_empty(stage: str, classes: list[str]) -> str:
     """A Parquet file with no rows and the label schema, for an empty snapshot."""
-
     uri = storage.join(stage, "out", "empty.parquet")
     storage.write_parquet_atomic(label_schema(list(classes)).empty_table(), uri)
     return uri
