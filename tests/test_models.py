@@ -36,16 +36,16 @@ class NotATensor:
 
 
 def test_registry_lists_the_models_with_specs():
-    assert list_models() == ["cnn", "efficientnet_b2", "emonet", "emonet_lite"]
+    assert list_models() == ["cnn", "efficientnet_b2", "emonet", "emonet_lite", "emonet_s"]
     assert set(model_descriptions()) == set(list_models())
-    for name in ("cnn", "emonet", "emonet_lite"):
+    for name in ("cnn", "emonet", "emonet_lite", "emonet_s"):
         spec = get_input_spec(name)
         assert (spec.size, spec.channels, spec.mean, spec.std) == (48, 1, (0.5,), (0.5,))
     spec = get_input_spec("efficientnet_b2")
     assert (spec.size, spec.channels, spec.mean) == (96, 3, IMAGENET_MEAN)
 
 
-@pytest.mark.parametrize("name", ["cnn", "efficientnet_b2", "emonet", "emonet_lite"])
+@pytest.mark.parametrize("name", ["cnn", "efficientnet_b2", "emonet", "emonet_lite", "emonet_s"])
 def test_output_shape_for_input_spec(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3)
@@ -58,6 +58,8 @@ def test_emonet_lite_has_one_conv_in_the_full_resolution_stages():
     convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
     assert convs(create_model("emonet", 7)) == [32, 32, 64, 64, 128, 128, 256, 256]
     assert convs(create_model("emonet_lite", 7)) == [32, 64, 128, 128, 256, 256]
+    assert convs(create_model("emonet_s", 7)) == [16, 32, 64, 64, 128, 128]  # emonet_lite at half width
+    assert count_parameters(create_model("emonet_s", 7)) == 282_999
 
 
 def test_cnn_is_the_keras_sequential_cnn():
