@@ -1,7 +1,7 @@
 """jobs.train end to end on real local Ray (the shared `ray_session`), CPU, synthetic faces:
-2-worker training beats chance and writes every artifact; resume continues from the saved epoch;
-data and checkpoints on the moto S3 server; and each bad-input case exits 2 with one line and
-publishes nothing. (.zip input is covered by tests/test_compare.py.)"""
+2-worker training beats chance and writes every artifact; data and checkpoints on the moto S3
+server, where resume continues from the saved epoch; and each bad-input case exits 2 with one
+line and publishes nothing. (.zip input is covered by tests/test_compare.py.)"""
 
 from __future__ import annotations
 
@@ -86,35 +86,6 @@ def test_predict_cli(trained, faces3, tmp_path, capsys):
     assert predict.main(["--model", str(tmp_path / "nothing"), images[0]]) == 2
 
 
-def test_resume_continues_from_saved_epoch_and_never_touches_the_served_model(ray_session, faces3, tmp_path,
-                                                                              capsys):
-    """The README's resume command (same command, more epochs: an interrupted run) continues from
-    the saved epoch, exports a new version and, without --publish, must not swap the live model."""
-    from emotion_core.checkpoint import list_model_versions, load_model
-
-    pointer = tmp_path / "latest.json"
-    args = fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1")
-    assert train.main([*args, "--epochs", "1", "--publish", str(pointer)]) == 0
-    first = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
-    served = json.loads(pointer.read_text())
-    weights = (tmp_path / "r" / "models" / served["version"] / "model.safetensors").read_bytes()
-    capsys.readouterr()
-    assert train.main([*args, "--epochs", "2"]) == 0  # resumes, exports again, publishes nothing
-    out = capsys.readouterr().out
-    assert "resuming run" in out and "after epoch 1" in out
-    second = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert [h["epoch"] for h in second["history"]] == [1, 2]
-    assert second["history"][:1] == first  # epoch 1 was not re-run
-    assert second["history"][1]["elapsed_s"] > first[0]["elapsed_s"]
-    assert json.loads(pointer.read_text()) == served
-    assert (tmp_path / "r" / "models" / served["version"] / "model.safetensors").read_bytes() == weights
-    versions = [v.version for v in list_model_versions(str(tmp_path / "r" / "models"))]
-    assert len(versions) == 2 and served["version"] in versions
-    assert load_model(str(pointer))[1].version == served["version"]
-    # a different model under the same name is refused instead of mixing checkpoints
-    assert train.main([*fast_args(faces3, tmp_path, "--name", "r", "--num-workers", "1"), "--model", "emonet"]) == 2
-
-
 def test_time_budget_with_every_recipe_option_on_a_class_subset(ray_session, faces3, tmp_path, capsys):
     """--time-budget times the first epoch, picks the epoch count (the same on both DDP workers),
     ends the cosine there, stays within the budget (plus one epoch of slack), and stores the
@@ -153,8 +124,11 @@ def test_time_budget_with_every_recipe_option_on_a_class_subset(ray_session, fac
     assert latest["progress"]["budget"] == b  # resuming keeps it (tests/test_train_units.py)
 
 
-def test_s3_data_and_checkpoints(ray_session, faces3, s3_bucket):
-    from emotion_core.checkpoint import load_model
+def test_s3_data_checkpoints_and_resume(ray_session, faces3, s3_bucket, capsys):
+    """Data, checkpoints and models on the moto S3 server; then the README's resume command (the
+    same command with more epochs: an interrupted run) continues from the saved epoch on S3,
+    exports a new version and, without --publish, must not swap the live model."""
+    from emotion_core.checkpoint import list_model_versions, load_model
 
     client = storage.s3_client()
     for path in faces3.rglob("*.jpg"):
@@ -162,17 +136,34 @@ def test_s3_data_and_checkpoints(ray_session, faces3, s3_bucket):
             client.put_object(
                 Bucket=s3_bucket, Key=f"data/{path.relative_to(faces3).as_posix()}", Body=path.read_bytes()
             )
-    out = f"s3://{s3_bucket}/runs"
-    rc = train.main(fast_args(f"s3://{s3_bucket}/data", out, "--name", "s3run", "--epochs", "2",
-                              "--publish", f"{out}/latest.json"))
-    assert rc == 0
-    m = json.loads(storage.read_bytes(f"{out}/s3run/metrics.json"))
+    out, run = f"s3://{s3_bucket}/runs", f"s3://{s3_bucket}/runs/s3run"
+    args = fast_args(f"s3://{s3_bucket}/data", out, "--name", "s3run")
+    assert train.main([*args, "--epochs", "1", "--publish", f"{out}/latest.json"]) == 0
+    m = json.loads(storage.read_bytes(f"{run}/metrics.json"))
     assert m["data"]["source"] == "s3" and m["test"]["classes"] == ["happy", "surprise"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")["Contents"]]
     assert any("/checkpoint_" in k and k.endswith("train_state.json") for k in keys)
     _, manifest = load_model(f"{out}/latest.json")
     assert {"runs/s3run/confusion_matrix.png", f"runs/s3run/models/{manifest.version}/model.json"} <= set(keys)
     assert manifest.classes == ["happy", "surprise"]
+    served = storage.read_bytes(f"{out}/latest.json")
+    weights = storage.read_bytes(f"{run}/models/{manifest.version}/model.safetensors")
+
+    capsys.readouterr()
+    assert train.main([*args, "--epochs", "2"]) == 0  # resumes, exports again, publishes nothing
+    text = capsys.readouterr().out
+    assert "resuming run" in text and "after epoch 1" in text
+    second = json.loads(storage.read_bytes(f"{run}/metrics.json"))
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][:1] == m["history"]  # epoch 1 was not re-run
+    assert second["history"][1]["elapsed_s"] > m["history"][0]["elapsed_s"]
+    assert storage.read_bytes(f"{out}/latest.json") == served
+    assert storage.read_bytes(f"{run}/models/{manifest.version}/model.safetensors") == weights
+    versions = [v.version for v in list_model_versions(f"{run}/models")]
+    assert len(versions) == 2 and manifest.version in versions
+    assert load_model(f"{out}/latest.json")[1].version == manifest.version
+    # a different model under the same name is refused instead of mixing checkpoints
+    assert train.main([*args, "--epochs", "2", "--model", "emonet"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,5 +252,6 @@ def test_cli_help_and_exit_code(tmp_path):
     assert bad.returncode == 2
     assert (
         bad.stderr.strip()
-        == "jobs.train: error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet, emonet_lite"
+        == "jobs.train: error: unknown model 'vgg': use --model with one of cnn, efficientnet_b2, emonet, "
+        "emonet_lite, emonet_s"
     )
