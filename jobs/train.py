@@ -1,6 +1,6 @@
 """Train an emotion classifier on Ray Train, evaluate it, export it, optionally publish it.
 
-    python -m jobs.train --data DATA --model emonet --output runs [--name RUN] [--epochs 30]
+    python -m jobs.train --data DATA --output runs [--model emonet_s] [--name RUN] [--epochs 30]
         [--time-budget MINUTES] [--batch-size 128] [--lr 0.002] [--num-workers 1] [--use-gpu]
         [--init-weights URI] [--seed 0] [--publish runs/latest.json]
 
@@ -12,9 +12,9 @@ metrics.json, confusion_matrix.png, training_curves.png and the exported model i
 Running the same command again with the same --name resumes from the latest checkpoint.
 
 --time-budget MINUTES thinks in time, not epochs: the first epoch (train + validation) is timed,
-the number of epochs is set to what fits in the budget (--epochs is then only a cap), and the
-warm-up + cosine LR schedule is set to end there; while the cosine is in its first half the
-number is corrected from the steady time of the later epochs (the first is the slowest). The
+the number of epochs is set to what fits in the budget (--epochs is then only a cap, 1,000 unless
+given), and the warm-up + cosine LR schedule is set to end there; while the cosine is in its first
+half the number is corrected from the steady time of the later epochs (the first is the slowest). The
 budget is the wall-clock time of the training loop; Ray start-up, data decoding, the final
 evaluation and the export are not in it.
 The decision is printed, stored in the run's progress (a resumed run keeps it) and in
@@ -52,6 +52,8 @@ from ._train_recipe import class_weights
 from ._train_worker import evaluate_checkpoint, train_func
 
 JOB = "train"
+DEFAULT_EPOCHS = 30
+BUDGET_EPOCH_CAP = 1000  # with --time-budget the budget decides the epochs; this only bounds a tiny dataset's run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", required=True,
       help="dataset: local folder, .zip (local or s3://) or s3://bucket/prefix in Kaggle layout")
-    a("--model", default="emonet", help=f"architecture: {', '.join(models)} (default %(default)s)")
+    a("--model", default="emonet_s", help=f"architecture: {', '.join(models)} (default %(default)s)")
     a("--output", default="outputs/runs",
       help="where runs live: local folder or s3://bucket/prefix (default %(default)s)")
     a("--name", default=None, help="run name under --output; the same name resumes that run (default: the model name)")
-    a("--epochs", type=int, default=30, help="total epochs, counting epochs of a resumed run (default %(default)s)")
+    a("--epochs", type=int, default=None,
+      help=f"total epochs, counting epochs of a resumed run (default {DEFAULT_EPOCHS}; with --time-budget the "
+           f"budget decides and this is only a cap, default {BUDGET_EPOCH_CAP})")
     a("--batch-size", type=int, default=128, help="global batch size, split evenly over workers (default %(default)s)")
     a("--lr", type=float, default=2e-3, help="peak AdamW learning rate after warm-up (default %(default)s)")
     a("--weight-decay", type=float, default=0.05,
@@ -199,6 +203,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def validate_args(args) -> None:
+    if args.epochs is None:
+        args.epochs = BUDGET_EPOCH_CAP if args.time_budget else DEFAULT_EPOCHS
     if args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}: use --model with one of {', '.join(list_models())}")
     for flag in ("epochs", "batch_size", "num_workers", "keep", "keep_models"):
