@@ -14,6 +14,10 @@ Design (measured on 2 Zen 4 cores, forward+backward, batch 128; see bench/train_
   per FLOP. With bf16 autocast (AVX512-BF16) it trains at about 400 images/s on 2 cores, ~36
   epochs of FER2013 in 30 minutes.
 - Kaiming init for convs; otherwise kept plain so weights from other VGG-style nets map easily.
+
+On fp32-only CPUs (no bf16) this width buys too few epochs in a 30-minute budget (9-14 here);
+the registry's ``emonet_s`` (one conv in the 48/24-px stages, half the widths: 16/32/64/128) gets
+43-53 and is the most accurate model at that budget (README, issue #13 section).
 """
 
 from __future__ import annotations
