@@ -54,6 +54,7 @@ from ._train_worker import evaluate_checkpoint, train_func
 JOB = "train"
 DEFAULT_EPOCHS = 30
 BUDGET_EPOCH_CAP = 1000  # with --time-budget the budget decides the epochs; this only bounds a tiny dataset's run
+DEFAULT_PATIENCE = 10  # 0 (off) with --time-budget: a budgeted cosine schedule is meant to run to its end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--monitor", choices=["macro_f1", "accuracy"], default="macro_f1",
       help="validation metric for early stopping and best checkpoint (default %(default)s)")
     a("--patience", type=int, default=None,
-      help="stop after this many epochs without improvement of --monitor; 0 disables (default 10, and 0 with "
-           "--time-budget)")
+      help=f"stop after this many epochs without improvement of --monitor; 0 disables (default {DEFAULT_PATIENCE}, "
+           "and 0 with --time-budget)")
     a("--keep", type=int, default=2,
       help="checkpoints to keep: the best K by --monitor, plus the latest (default %(default)s)")
     a("--max-failures", type=int, default=2,
@@ -202,9 +203,16 @@ def run(args: argparse.Namespace) -> dict:
 # Steps of run(), in order
 
 
-def validate_args(args) -> None:
+def resolve_defaults(args) -> None:
+    """The defaults that depend on --time-budget, in one place: --epochs and --patience."""
     if args.epochs is None:
         args.epochs = BUDGET_EPOCH_CAP if args.time_budget else DEFAULT_EPOCHS
+    if args.patience is None:
+        args.patience = 0 if args.time_budget else DEFAULT_PATIENCE
+
+
+def validate_args(args) -> None:
+    resolve_defaults(args)
     if args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}: use --model with one of {', '.join(list_models())}")
     for flag in ("epochs", "batch_size", "num_workers", "keep", "keep_models"):
@@ -215,7 +223,7 @@ def validate_args(args) -> None:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    if (args.patience or 0) < 0 or args.max_failures < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+    if args.patience < 0 or args.max_failures < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         raise UsageError("--patience, --max-failures, --warmup-epochs and --weight-decay must not be negative")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
@@ -313,14 +321,12 @@ def decode_data(args, splits) -> _train_data.Decoded:
 
 def make_config(args, splits, decoded) -> TrainConfig:
     weights = class_weights(decoded.train_class_counts, args.class_weighting)
-    # a budgeted run's cosine schedule is meant to run to its end: no early stopping unless asked for
-    patience = args.patience if args.patience is not None else (0 if args.time_budget else 10)
     return TrainConfig(
         model=args.model, classes=tuple(splits.classes), input_spec=args.input_spec,
         train_size=decoded.counts["train"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         class_weighting=args.class_weighting, class_weights=tuple(weights) if weights else None,
-        monitor=args.monitor, patience=patience, seed=args.seed, augment=not args.no_augment,
+        monitor=args.monitor, patience=args.patience, seed=args.seed, augment=not args.no_augment,
         use_gpu=args.use_gpu, precision=args.precision, num_workers=args.num_workers,
         init_weights=args.init_weights, dataset_fingerprint=splits.fingerprint, faces=args.faces,
         random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, mix_prob=args.mix_prob,

@@ -288,17 +288,18 @@ def test_time_budget_plan_and_stretchable_schedule():
     assert replan_epochs(1800, 18.0, 2, 7.0, 200) == 200  # the cap still holds
     assert replan_epochs(100, 99.0, 4, 7.0, 300) == 5  # at least one more epoch
 
-    # --epochs: 30 by default; with --time-budget the budget decides and the default cap is 1,000
+    # --epochs: 30 by default; with --time-budget the budget decides and the default cap is 1,000;
+    # early stopping (--patience) is off with a budget unless asked for
     from jobs import train
 
-    def epochs(*argv):
+    def defaults(*argv):
         args = train.build_parser().parse_args(["--data", "d", *argv])
         train.validate_args(args)
-        return args.epochs, args.model
+        return args.epochs, args.patience, args.model
 
-    assert epochs() == (30, "emonet_s")
-    assert epochs("--time-budget", "30") == (1000, "emonet_s")
-    assert epochs("--time-budget", "30", "--epochs", "40") == (40, "emonet_s")
+    assert defaults() == (30, 10, "emonet_s")
+    assert defaults("--time-budget", "30") == (1000, 0, "emonet_s")
+    assert defaults("--time-budget", "30", "--epochs", "40", "--patience", "5") == (40, 5, "emonet_s")
 
     s = Schedule(steps_per_epoch=10, epochs=30, warmup_epochs=1)
     assert s(299) > 0.01 and s.warmup == 10
