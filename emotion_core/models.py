@@ -18,7 +18,8 @@ emonet             48x48 gray, mean/std 0.5       our CNN (BN, global pooling, d
 emonet_lite        48x48 gray, mean/std 0.5       emonet with one conv in each 48/24-px stage: 1.9x
                                                   faster on fp32 CPUs
 emonet_s           48x48 gray, mean/std 0.5       emonet_lite at half the width (283k params): 3.6x
-                                                  emonet_lite's training images/s (model alone)
+                                                  emonet_lite's training images/s (model alone,
+                                                  one paired measurement)
 =================  =============================  ==================================================
 
 Decisions:
@@ -346,10 +347,13 @@ def emonet_lite(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kw
     "emonet_s",
     GRAY_48,
     "emonet_lite at half the width (16/32/64/128 channels): 283k params, about 3.6x the fp32 training "
-    "images/s of emonet_lite for the model alone, so a CPU budget buys it several times the epochs",
+    "images/s of emonet_lite for the model alone (one paired measurement), so a CPU budget buys it "
+    "several times the epochs",
 )
 def emonet_s(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kwargs) -> nn.Module:
-    """Half of emonet_lite's channels in every stage, a quarter of its MACs: 988 against 275
-    training images/s for the model alone (fp32, batch 128, 2 threads, channels_last)."""
+    """Half of emonet_lite's channels in every stage, a quarter of its MACs. Model alone (fp32, batch
+    128, 2 threads, channels_last): 988 against emonet_lite's 275 training images/s in one
+    measurement; 520-690 for emonet_s in later ones on the same (noisy) machine, and 451-591 inside
+    ``jobs.train`` over three 30-minute runs (README, issue #13 section)."""
     kwargs.setdefault("widths", (16, 32, 64, 128))
     return emonet_lite(num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
