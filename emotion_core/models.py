@@ -351,9 +351,8 @@ def emonet_lite(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kw
     "several times the epochs",
 )
 def emonet_s(num_classes: int, *, img_size: int = 48, in_chans: int = 1, **kwargs) -> nn.Module:
-    """Half of emonet_lite's channels in every stage, a quarter of its MACs. Model alone (fp32, batch
-    128, 2 threads, channels_last): 988 against emonet_lite's 275 training images/s in one
-    measurement; 520-690 for emonet_s in later ones on the same (noisy) machine, and 451-591 inside
-    ``jobs.train`` over three 30-minute runs (README, issue #13 section)."""
+    """Half of emonet_lite's channels in every stage, a quarter of its MACs. Its measured speeds
+    and accuracies (model alone and inside ``jobs.train``, with their spread) are in the README's
+    issue #13 section."""
     kwargs.setdefault("widths", (16, 32, 64, 128))
     return emonet_lite(num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
