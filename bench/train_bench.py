@@ -161,6 +161,19 @@ def accuracy_run(data: str, out: str, model: str, minutes: float, ips: float, n_
     }
 
 
+def accuracy_runs(args, root: str, work: Path, tp_data: str, ray_ips: float, ratio: float) -> list[dict]:
+    """(b): --model for --minutes and the cnn for --cnn-minutes, epochs from the measured speeds."""
+    from jobs import _train_data
+
+    acc_data = subset_dir(root, 0.15, work) if args.quick else root
+    n_train = len(_train_data.discover(acc_data, val_fraction=0.1, seed=0).train)
+    # the cnn's speed, for its epoch count: one plain epoch, scaled by the measured Ray ratio
+    cnn_ips = plain_loop_images_per_s(tp_data, "cnn", args.batch_size, epochs=1)["images_per_s"] * min(1.0, ratio)
+    return [accuracy_run(acc_data, str(work / "runs"), model, minutes, ips, n_train, args.batch_size)
+            for model, minutes, ips in ((args.model, 0.7 if args.quick else args.minutes, ray_ips),
+                                        ("cnn", 0.3 if args.quick else args.cnn_minutes, cnn_ips))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.train_bench",
@@ -173,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         default="../shared/data/fer2013/train",
         help="FER2013 train folder or Kaggle root (default %(default)s)",
     )
-    p.add_argument("--minutes", type=float, default=30.0, help="emonet training budget (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=30.0, help="--model's training budget in (b) (default %(default)s)")
     p.add_argument("--cnn-minutes", type=float, default=10.0, help="classic cnn training budget (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--model", default="emonet", help="model of the throughput comparison (a) (default %(default)s)")
+    p.add_argument("--model", default="emonet",
+                   help="model of the comparison (a) and of the accuracy run (b) (default %(default)s)")
     p.add_argument("--fraction", type=float, default=0.4,
                    help="stratified fraction of train/ for the throughput comparison (a) (default %(default)s)")
     p.add_argument("--repeats", type=int, default=1,
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="results JSON (default bench/results/train.json, train_quick.json with --quick)"
     )
     args = p.parse_args(argv)
+    if args.repeats < 1 or not 0 < args.fraction <= 1:
+        p.error(f"--repeats {args.repeats} / --fraction {args.fraction}: need --repeats >= 1 and 0 < --fraction <= 1")
     for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
     root = kaggle_root(args.data)
@@ -242,21 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": pairs,
             "goal": 0.9,
         }
-        # (b) accuracy vs wall-clock
-        from jobs import _train_data
-
-        acc_data = subset_dir(root, 0.15, work) if args.quick else root
-
-        n_train = len(_train_data.discover(acc_data, val_fraction=0.1, seed=0).train)
-        # the cnn's speed, for its epoch count: one plain epoch, scaled by the measured Ray ratio
-        cnn_ips = 0.0 if args.throughput_only else (
-            plain_loop_images_per_s(tp_data, "cnn", args.batch_size, epochs=1)["images_per_s"] * min(1.0, ratio))
-        runs = []
-        for model, minutes, ips in ((args.model, 0.7 if args.quick else args.minutes, ray_ips),
-                                    ("cnn", 0.3 if args.quick else args.cnn_minutes, cnn_ips)):
-            if not args.throughput_only:
-                runs.append(accuracy_run(acc_data, str(work / "runs"), model, minutes, ips, n_train, args.batch_size))
-        results["accuracy"] = runs
+        results["accuracy"] = [] if args.throughput_only else accuracy_runs(args, root, work, tp_data, ray_ips, ratio)
     results["total_min"] = round((time.perf_counter() - t_all) / 60, 2)
 
     print("\n[bench] results")
