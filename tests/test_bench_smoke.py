@@ -1,6 +1,7 @@
-"""Quick checks of the labelling benchmark's own pieces (bench/): the S3 latency proxy forwards
+"""Quick checks of the benchmarks' own pieces (bench/): the S3 latency proxy forwards
 boto3 and pyarrow traffic verbatim and adds its delay per request, concurrently; the naive
-baseline writes the job's schema; the planning data has the promised shape. Seconds in total."""
+baseline writes the job's schema; the planning data has the promised shape; the training
+benchmark rejects sizes it cannot measure. Seconds in total."""
 
 from __future__ import annotations
 
@@ -135,3 +136,15 @@ def _jpeg(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--fraction", "0"], ["--fraction", "1.5"]])
+def test_train_bench_rejects_bad_sizes_before_starting_ray(argv, capsys):
+    """bench.train_bench fails fast, with one line naming both options, on a size that would
+    leave it nothing to measure."""
+    from bench import train_bench
+
+    with pytest.raises(SystemExit) as e:
+        train_bench.main(argv)
+    assert e.value.code == 2
+    assert "need --repeats >= 1 and 0 < --fraction <= 1" in capsys.readouterr().err
