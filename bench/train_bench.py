@@ -89,7 +89,7 @@ def plain_loop_images_per_s(data: str, model_name: str, batch: int, epochs: int 
     from emotion_core.models import create_model, get_input_spec
     from emotion_core.preprocess import normalize
     from jobs import _train_data
-    from jobs._train_recipe import augment, keep_freed_memory, lr_factor, make_optimizer, node_cpus, resolve_precision
+    from jobs._train_recipe import augment, lr_factor, make_optimizer, node_cpus, resolve_precision
 
     spec = get_input_spec(model_name)
     splits = _train_data.discover(data, val_fraction=0.1, seed=seed)
@@ -97,7 +97,6 @@ def plain_loop_images_per_s(data: str, model_name: str, batch: int, epochs: int 
     images, labels = _train_data.dataset_to_arrays(decoded.datasets["train"])
     threads = max(1, node_cpus())
     torch.set_num_threads(threads)
-    keep_freed_memory()  # as the Ray Train worker does
     torch.manual_seed(seed)
     model = create_model(model_name, len(splits.classes)).to(memory_format=torch.channels_last)
     amp = resolve_precision("auto", use_gpu=False)

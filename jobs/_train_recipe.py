@@ -25,7 +25,6 @@ Decisions:
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 import os
 
@@ -280,34 +279,6 @@ def resolve_precision(precision: str, use_gpu: bool):
     if use_gpu:
         return _amp_dtype()
     return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees the same large activations every time (emonet_s's first
-    stage at batch 128: 128x16x48x48 fp32 = 19 MB per tensor, several of them). glibc's defaults
-    give such blocks back to the kernel (mmap'ed blocks on free, the heap top past
-    ``M_TRIM_THRESHOLD``), so every step page-faults tens of MB of fresh zeroed pages: in a
-    profiled emonet_s step, batch-norm backward and ReLU backward took twice as long as with the
-    memory kept. Raising both ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB keeps those
-    blocks in the heap (``bench/malloc_bench.py`` measures it; README, issue #13 section), for
-    about 70 MB more resident memory. Both must be set: either alone turns off glibc's dynamic
-    mmap threshold and was slower than the default. Inference steps (no autograd, smaller
-    batches) gain nothing measurable, so only the processes that run training steps call it
-    (Ray Train workers, ``bench.train_bench``'s plain loop): it is process-wide and irreversible.
-    ``EMOTION_KEEP_FREED_MEMORY=0`` in the workers' environment leaves glibc's defaults (the
-    baseline of ``bench.malloc_bench --job``). Returns False then, or where the C library has no
-    ``mallopt`` (not glibc)."""
-    if os.environ.get("EMOTION_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, threshold_bytes)) and bool(mallopt(m_trim_threshold, threshold_bytes))
 
 
 def node_cpus() -> int:

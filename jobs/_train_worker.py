@@ -48,7 +48,6 @@ from ._train_config import TrainConfig
 from ._train_recipe import (
     ModelEma,
     augment,
-    keep_freed_memory,
     make_criterion,
     make_optimizer,
     make_scheduler,
@@ -76,7 +75,6 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.use_gpu:
         torch.set_num_threads(max(1, node_cpus() // max(1, ctx.get_local_world_size())))
-        keep_freed_memory()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
 

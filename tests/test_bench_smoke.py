@@ -1,7 +1,7 @@
 """Quick checks of the benchmarks' own pieces (bench/): the S3 latency proxy forwards
 boto3 and pyarrow traffic verbatim and adds its delay per request, concurrently; the naive
 baseline writes the job's schema; the planning data has the promised shape; the training
-and allocator benchmarks reject sizes they cannot measure. Seconds in total."""
+benchmark rejects sizes it cannot measure. Seconds in total."""
 
 from __future__ import annotations
 
@@ -148,12 +148,3 @@ def test_train_bench_rejects_bad_sizes_before_starting_ray(argv, capsys):
         train_bench.main(argv)
     assert e.value.code == 2
     assert "need --repeats >= 1 and 0 < --fraction <= 1" in capsys.readouterr().err
-
-
-def test_malloc_bench_rejects_sizes_it_cannot_measure(capsys):
-    from bench import malloc_bench
-
-    with pytest.raises(SystemExit) as e:
-        malloc_bench.main(["--repeats", "0"])
-    assert e.value.code == 2
-    assert "--repeats, --train-steps and --infer-batches must be positive" in capsys.readouterr().err

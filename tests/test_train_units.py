@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -362,36 +360,3 @@ def test_a_resumed_budgeted_run_keeps_its_decided_epochs():
     assert planned_epochs(cfg(epochs=100, time_budget_min=20.0), progress) == 21  # a new budget: re-planned
     assert progress.budget["epochs"] == 21 and progress.budget["epoch_s"] == 55.0
     assert planned_epochs(cfg(epochs=30), progress) == 30  # no budget: --epochs
-
-
-_ALLOC_LOOP = """
-import resource, sys
-import numpy as np
-from jobs._train_recipe import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-def step():  # what a training step does to its activations: several large blocks live, then freed
-    blocks = [np.ones(20 << 20, np.uint8) for _ in range(4)]
-    del blocks
-step()  # first touch: pages fault in either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in_again():
-    """With glibc's defaults the 80 MB a step frees go back to the kernel (past the trim
-    threshold) and fault in again, page by page, on the next step; with the memory kept the heap
-    reuses them."""
-
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _ALLOC_LOOP, mode], capture_output=True, text=True, check=True)
-        kept, n = out.stdout.split()
-        return kept, int(n)
-
-    (kept_default, default), (kept, keep) = faults("default"), faults("keep")
-    assert (kept_default, kept) == ("False", "True")
-    assert default > 10 * 500  # here: about 2,000 of the 20,000 pages a step writes, every step
-    assert keep < default / 10
